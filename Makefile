@@ -1,0 +1,30 @@
+# The two commands a newcomer types: `make demo` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# CPU build of torch that pip finds on this machine; GPU users: install torch from your
+# CUDA index into the venv first, then `make setup` keeps it (it satisfies torch>=2.3).
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test setup bench clean
+
+$(BIN)/twin: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(BIN)/twin
+
+demo: setup
+	$(BIN)/twin demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/simulate_bench.py
+
+clean:
+	rm -rf $(VENV) twin-demo

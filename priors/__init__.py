@@ -1,0 +1,2 @@
+"""twin.priors (grows with the dynamics issue)."""
+__all__: list[str] = []

@@ -1,0 +1,2 @@
+"""twin.scenarios (grows with the dynamics issue)."""
+__all__: list[str] = []
