@@ -20,7 +20,7 @@ import xarray as xr
 
 from twin.errors import InputError
 
-from .schema import ALT_EVENT, EVENT, SCENARIO, SUBJECT, VISIT
+from .schema import SCENARIO, SUBJECT, VISIT
 from .validate import validate
 
 # Scans are chunked one visit at a time (what a model reads) and sharded one subject per
@@ -39,9 +39,9 @@ def open_cohort(path: str | os.PathLike, *, check: bool = True) -> xr.Dataset:
         ds = xr.open_zarr(path, consolidated=False, chunks={})
     except Exception as err:  # zarr raises a zoo of types for a damaged store
         raise InputError(f"not a readable zarr store ({type(err).__name__}: {err})", source=str(path)) from None
-    for name in ("event_agent", ALT_EVENT + "_agent"):
-        if name in ds:  # object strings read back as fixed-width unicode; keep one dtype
-            ds[name] = ds[name].astype(object)
+    for name, var in ds.data_vars.items():
+        if var.dtype.kind in "US":  # strings read back as fixed-width unicode; keep one dtype
+            ds[name] = var.astype(object)
     return validate(ds, source=str(path)) if check else ds
 
 
@@ -107,13 +107,15 @@ def concat_cohorts(cohorts: list[xr.Dataset]) -> xr.Dataset:
     """Stack cohorts along `subject`, padding visits and events to the longest history."""
     # Small arrays are loaded (dask cannot concatenate object strings lazily); scans stay lazy.
     cohorts = [c.assign({n: c[n].load() for n in c.variables if n not in _PER_VISIT | {"mask"}}) for c in cohorts]
-    fill = {"observed": False, "event_agent": "", ALT_EVENT + "_agent": ""}
-    fill.update({name: np.nan for c in cohorts for name in c.data_vars if name not in fill})
+    fill = {}
+    for c in cohorts:
+        for name, var in c.data_vars.items():
+            fill[name] = False if var.dtype == bool else "" if var.dtype.kind in "OUS" else 0 if var.dtype.kind in "iu" else np.nan
     out = xr.concat(cohorts, dim=SUBJECT, join="outer", fill_value=fill, data_vars="minimal",
                     coords="minimal", compat="override", combine_attrs="override")
-    for name in ("event_agent", ALT_EVENT + "_agent"):
-        if name in out:
-            out[name] = out[name].astype(object)
+    for name, var in out.data_vars.items():
+        if var.dtype.kind in "OUS":  # strings stay variable-length objects
+            out[name] = var.astype(object)
     return out
 
 

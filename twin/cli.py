@@ -1,0 +1,182 @@
+"""The `twin` command: a thin shell over the public API.
+
+Each subcommand parses its arguments, calls one or two library functions and prints a short
+answer. Bad input ends in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+EXIT_BAD_INPUT = 2
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from twin.data import write_cohort
+    from twin.data.simulate import simulate
+
+    blocks = simulate(args.kind, n_subjects=args.subjects, dims=args.dims, seed=args.seed, progress=not args.quiet)
+    path = write_cohort(blocks, args.output, overwrite=args.overwrite)
+    print(f"wrote {path} ({args.subjects} {args.kind} subjects, {args.dims}D, seed {args.seed})")
+    return 0
+
+
+def _import_bids(args: argparse.Namespace) -> int:
+    from twin.data import write_cohort
+    from twin.data.bids import import_bids
+
+    ds = import_bids(args.root, resample=args.resample, progress=not args.quiet)
+    path = write_cohort(ds, args.output, overwrite=args.overwrite)
+    print(f"wrote {path} ({ds.sizes['subject']} subjects, {int(ds['observed'].sum())} visits)")
+    return 0
+
+
+def _import_table(args: argparse.Namespace) -> int:
+    from twin.data import write_cohort
+    from twin.data.table import import_table
+
+    ds = import_table(args.visits, covariates=args.covariates, events=args.events)
+    path = write_cohort(ds, args.output, overwrite=args.overwrite)
+    print(f"wrote {path} ({ds.sizes['subject']} subjects, {int(ds['observed'].sum())} visits, "
+          f"{ds.sizes.get('biomarker', 0)} biomarkers)")
+    return 0
+
+
+def _export_nifti(args: argparse.Namespace) -> int:
+    from twin.data import open_cohort
+    from twin.data.export import export_nifti
+
+    ds = open_cohort(args.cohort)
+    files = export_nifti(ds, args.output, variables=tuple(args.variables.split(",")), overwrite=args.overwrite)
+    print(f"wrote {len(files)} files under {args.output}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from twin.data import open_cohort
+
+    ds = open_cohort(args.cohort)  # raises CohortError listing every problem
+    print(f"{args.cohort}: valid ({ds.sizes['subject']} subjects)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from twin.data import describe, open_cohort
+
+    summary = describe(open_cohort(args.cohort))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(_format_info(args.cohort, summary))
+    return 0
+
+
+def _format_info(path: str, s: dict) -> str:
+    lines = [f"{path}  ({s['kind']})",
+             f"  subjects      {s['subjects']}",
+             f"  visits        {s['visits']} observed, {s['missed_visits']} missed; per subject "
+             f"{s['visits_per_subject']['min']}-{s['visits_per_subject']['max']} (median {s['visits_per_subject']['median']:g})",
+             f"  follow-up     median {s['follow_up_years']['median']:.2f} y, max {s['follow_up_years']['max']:.2f} y",
+             f"  clock         {s['clock']} (baselines {s['baseline_on_clock']['min']:g} to {s['baseline_on_clock']['max']:g})"]
+    if "channels" in s:
+        g = s["grid"]
+        lines.append(f"  images        {', '.join(s['channels'])} on {'x'.join(map(str, g['shape']))} ({','.join(g['dims'])}), "
+                     f"{'x'.join(f'{v:g}' for v in g['spacing_mm'])} mm")
+    if "biomarkers" in s:
+        lines.append("  biomarkers    " + ", ".join(f"{b} [{v['unit']}]" if v["unit"] else b for b, v in s["biomarkers"].items()))
+    if "covariates" in s:
+        lines.append("  covariates    " + ", ".join(s["covariates"]))
+    lines.append("  events        " + (", ".join(f"{a} x{n}" for a, n in s["events"].items()) or "none"))
+    if s["ground_truth"]:
+        lines.append("  ground truth  " + ", ".join(s["ground_truth"]))
+    return "\n".join(lines)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(Path(args.output), seed=args.seed, progress=not args.quiet)
+    print(f"demo done: open {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twin", description="Twin: digital twins of patients from longitudinal scans and biomarkers.")
+    parser.add_argument("--version", action="version", version=f"twin {__import__('twin').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, func, parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def writes(p: argparse.ArgumentParser, what: str = "COHORT.zarr") -> None:
+        p.add_argument("-o", "--output", required=True, metavar=what, help="where to write")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = command("simulate", "simulate a cohort with ground truth on real anatomy (MNI152)", _simulate)
+    p.add_argument("--kind", choices=["atrophy", "glioma"], required=True, help="neurodegeneration or glioma under therapy")
+    p.add_argument("--subjects", type=_positive_int, default=20, help="number of subjects (default 20)")
+    p.add_argument("--dims", type=int, choices=[2, 3], default=2, help="2D slices (64x64) or 3D volumes (64^3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same cohort")
+    writes(p)
+
+    imp = sub.add_parser("import", help="import a BIDS tree or biomarker tables into a cohort store").add_subparsers(
+        dest="source", required=True, metavar="SOURCE")
+    p = command("bids", "import a BIDS tree: sub-*/ses-*/anat/*.nii[.gz] with sessions.tsv", _import_bids, imp)
+    p.add_argument("root", metavar="DIR")
+    p.add_argument("--resample", action="store_true",
+                   help="resample visits whose grid differs onto the first visit's grid (default: such a mismatch is an error)")
+    writes(p)
+    p = command("table", "import a long CSV of visits (subject,time,<biomarkers>); leaspy's ID,TIME too", _import_table, imp)
+    p.add_argument("visits", metavar="VISITS.csv")
+    p.add_argument("--covariates", metavar="C.csv", help="subject,<covariate columns>")
+    p.add_argument("--events", metavar="E.csv", help="subject,time,agent,dose (time on the visits' clock)")
+    writes(p)
+
+    exp = sub.add_parser("export", help="export scans to NIfTI").add_subparsers(dest="target", required=True, metavar="TARGET")
+    p = command("nifti", "write scans as NIfTI with each subject's affine, in a BIDS-derivatives layout", _export_nifti, exp)
+    p.add_argument("cohort", metavar="COHORT.zarr")
+    p.add_argument("--variables", default="image", help="comma-separated image variables to export (default: image)")
+    writes(p, "DIR")
+
+    p = command("validate", "check a cohort store against every rule of the format (exit 0 valid, 2 not)", _validate)
+    p.add_argument("cohort", metavar="COHORT.zarr")
+    p = command("info", "summarise a cohort store", _info)
+    p.add_argument("cohort", metavar="COHORT.zarr")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("demo", "the main job, end to end on simulated patients; writes a report", _demo)
+    p.add_argument("-o", "--output", default="twin-demo", metavar="DIR", help="output folder (default ./twin-demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as err:
+        print(f"twin {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("twin: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
