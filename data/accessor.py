@@ -14,7 +14,7 @@ import xarray as xr
 from twin.errors import InputError
 
 from . import geometry
-from .schema import FORMAT, SUBJECT, subject_slice
+from .schema import FORMAT, SUBJECT, space_dims, subject_slice
 from .validate import validate
 
 
@@ -62,7 +62,7 @@ class TwinAccessor:
     def spacing(self, subject: str | None = None) -> tuple[float, ...]:
         """Voxel size in mm of a subject's grid (the first subject's by default)."""
         affine = self._ds["affine"].sel({SUBJECT: subject}) if subject else self._ds["affine"].isel({SUBJECT: 0})
-        return geometry.spacing(affine.values)
+        return geometry.spacing(affine.values, len(space_dims(self._ds)) or 3)
 
     def validate(self) -> xr.Dataset:
         return validate(self._ds)
@@ -92,7 +92,7 @@ def describe(ds: xr.Dataset) -> dict:
         space = [d for d in ds["image"].dims if d in ("z", "y", "x")]
         out["channels"] = [str(c) for c in ds["channel"].values]
         out["grid"] = {"dims": space, "shape": [int(ds.sizes[d]) for d in space],
-                       "spacing_mm": [round(s, 3) for s in geometry.spacing(ds["affine"].isel({SUBJECT: 0}).values)][-len(space):]}
+                       "spacing_mm": [round(s, 3) for s in geometry.spacing(ds["affine"].isel({SUBJECT: 0}).values, len(space))]}
     if "biomarkers" in ds:
         measured = np.isfinite(ds["biomarkers"].values) & observed[..., None]
         units = ds["biomarker_unit"].values if "biomarker_unit" in ds.coords else [""] * ds.sizes["biomarker"]

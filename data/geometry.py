@@ -2,6 +2,11 @@
 
 Nothing else about the grid is stored: spacing, origin and orientation are read off the
 affine here, so they can never disagree with it.
+
+Axis convention (NIfTI's): cohort arrays are indexed (..., z, y, x) or (..., y, x), and the
+affine maps the index *in reverse order*, (x, y, z, 1), to world millimetres, so that a
+scan's array transposed is exactly the NIfTI array with the same affine. A 2D slice is the
+NIfTI volume of shape (X, Y, 1).
 """
 
 from __future__ import annotations
@@ -9,9 +14,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def spacing(affine: np.ndarray) -> tuple[float, ...]:
-    """Voxel size in mm along each array axis: the column norms of the 3x3 part."""
-    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+def spacing(affine: np.ndarray, ndim: int = 3) -> tuple[float, ...]:
+    """Voxel size in mm along each of the `ndim` array axes, in array order ((z,) y, x).
+
+    The column norms of the 3x3 part give it in (x, y, z) order; the array axes run the other way.
+    """
+    norms = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    return tuple(float(s) for s in norms[:ndim][::-1])
 
 
 def origin(affine: np.ndarray) -> tuple[float, float, float]:

@@ -7,9 +7,11 @@ plain arrays keeps the physics free of xarray and storage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
+
+from twin.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -47,3 +49,12 @@ class SubjectSim:
     baseline_time: float  # baseline on the cohort's clock
     events: list[tuple[float, str, float]] = field(default_factory=list)  # received schedule
     alternative_events: list[tuple[float, str, float]] = field(default_factory=list)
+
+
+def config_from_dict(cls: type, values: dict):
+    """A simulator's config dataclass from a parsed YAML/JSON mapping; unknown keys raise `InputError`."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"unknown key(s) {unknown}; expected some of {sorted(known)}", source=cls.__name__)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

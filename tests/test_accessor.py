@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from twin.data import describe
+from twin.data import describe, geometry
 from twin.errors import InputError
 
 
@@ -37,7 +37,10 @@ def test_unknown_subject(small):
 
 
 def test_spacing_from_affine(small):
-    assert small.twin.spacing() == (2.0, 2.0, 2.0)
+    assert small.twin.spacing() == (2.0, 2.0)  # a 2D cohort: (y, x)
+    # array axes run opposite to the affine's columns: (z, y, x) <- (x, y, z)
+    assert geometry.spacing(np.diag([1.0, 2.0, 3.0, 1.0])) == (3.0, 2.0, 1.0)
+    assert geometry.spacing(np.diag([1.0, 2.0, 3.0, 1.0]), 2) == (2.0, 1.0)
 
 
 def test_accessor_refuses_other_datasets():

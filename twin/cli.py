@@ -40,7 +40,7 @@ def _import_table(args: argparse.Namespace) -> int:
     from twin.data import write_cohort
     from twin.data.table import import_table
 
-    ds = import_table(args.visits, covariates=args.covariates, events=args.events)
+    ds = import_table(args.visits, covariates=args.covariates, events=args.events, clock=args.clock)
     path = write_cohort(ds, args.output, overwrite=args.overwrite)
     print(f"wrote {path} ({ds.sizes['subject']} subjects, {int(ds['observed'].sum())} visits, "
           f"{ds.sizes.get('biomarker', 0)} biomarkers)")
@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("visits", metavar="VISITS.csv")
     p.add_argument("--covariates", metavar="C.csv", help="subject,<covariate columns>")
     p.add_argument("--events", metavar="E.csv", help="subject,time,agent,dose (time on the visits' clock)")
+    p.add_argument("--clock", help="name of the time column's clock, e.g. 'age (years)' (default: from the column name)")
     writes(p)
 
     exp = sub.add_parser("export", help="export scans to NIfTI").add_subparsers(dest="target", required=True, metavar="TARGET")

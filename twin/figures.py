@@ -55,7 +55,8 @@ def plot_visits(ds: xr.Dataset, subject: str, path: str | Path, *, channel: str 
                 ax.text(0.5, 0.5, "missed", ha="center", va="center", transform=ax.transAxes, color="0.4")
                 ax.set_facecolor("0.93")
             else:
-                ax.imshow(_middle_slice(data[v]), cmap="gray", vmin=vmin, vmax=vmax)
+                # row 0 is inferior (2D) or posterior (axial middle slice): RAS index order
+                ax.imshow(_middle_slice(data[v]), cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
             if r == 0:
                 ax.set_title(f"t = {times[v]:.2f} y", fontsize=8)
             if v == 0:
