@@ -86,8 +86,11 @@ def solve(
 
     odeint = torchdiffeq.odeint_adjoint if solver.adjoint else torchdiffeq.odeint
     extra = {"adjoint_params": tuple(field.parameters())} if solver.adjoint and isinstance(field, torch.nn.Module) else {}
-    states = [d0]  # state at each grid point
     d = d0
+    if state_jumps is not None and (state_jumps.time == 0).any():  # a fraction at baseline: d(0) is after it
+        d = state_jumps.apply(d0, torch.where(state_jumps.time == 0, state_jumps.amount,
+                                              torch.zeros_like(state_jumps.amount)).sum(-1))
+    states = [d]  # state at each grid point
     # Segments end at state-jump times; inside a segment the solver sees RHS jumps as jump_t.
     cuts = [0.0, *jump_times.tolist()]
     if grid[-1] > cuts[-1]:

@@ -109,3 +109,15 @@ def test_bad_requests_raise():
         Solver("rk4")
     with pytest.raises(ValueError, match="method"):
         Solver("magic")
+
+
+def test_state_jump_at_baseline_applies_to_the_initial_state():
+    # a fraction at t = 0 is part of d(0): right-continuous like every other jump
+    d0 = torch.ones(2, 1, dtype=torch.float64)
+    jumps = StateJumps(time=torch.tensor([[0.0, 0.5], [0.5, float("nan")]], dtype=torch.float64),
+                       amount=torch.tensor([[1.0, 1.0], [1.0, float("nan")]], dtype=torch.float64),
+                       apply=lambda d, a: d * torch.exp(-a).unsqueeze(-1))
+    times = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    out = solve(lambda t, d: torch.zeros_like(d), d0, times, state_jumps=jumps)
+    expected = torch.tensor([[math.exp(-1), math.exp(-2)], [1.0, math.exp(-1)]], dtype=torch.float64)
+    torch.testing.assert_close(out[..., 0], expected)
