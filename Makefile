@@ -6,6 +6,10 @@ BIN     = $(VENV)/bin
 # CUDA index into the venv first, then `make setup` keeps it (it satisfies torch>=2.3).
 TORCH  ?= torch==2.13.0
 
+# mamba-ssm's readable reference scan, to test our scan against; installed without its CUDA
+# kernels (they need a GPU and minutes of compiling). GPU users: pip install -e ".[cuda]".
+MAMBA_REF = $(VENV)/.mamba-reference
+
 .PHONY: demo test setup bench clean
 
 $(BIN)/twin: pyproject.toml
@@ -20,7 +24,11 @@ setup: $(BIN)/twin
 demo: setup
 	$(BIN)/twin demo
 
-test: setup
+$(MAMBA_REF): $(BIN)/twin
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(BIN)/python -m pip install -q --no-build-isolation --no-deps "mamba-ssm==2.3.2.post1" einops
+	@touch $@
+
+test: setup $(MAMBA_REF)
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -1,0 +1,89 @@
+"""Latent disease progression slowed by drugs: the controlled neural ODE of the biomarker twin.
+
+Each patient has a scalar disease state z (a "disease time"), advancing at a personal rate r
+and slowed by every drug a in proportion to the patient's sensitivity s_a and the drug's Emax
+effect at its one-compartment concentration C_a(t):
+
+    dz/dt = r (1 + h(z)) - r sum_a s_a E_a(C_a(t)),        z(0) = tau
+
+f_prior = r - r sum_a s_a E_a is monotone neurodegeneration with the drug effect
+(`twin.priors`); f_nn = r h(z) is a small network, |h| <= 1/2, that bends the course where
+the cohort says it bends. E_a(C_a(t)) jumps at every dose, so the solver must not step over
+dose times blindly. Rather than stopping the solver at each of hundreds of monthly doses, the
+jumps are integrated exactly: with the cumulative exposure X(t) = sum_a s_a int_0^t E_a
+(closed form, `priors.pharmacology.effect_integral`; continuous, with kinks only at doses),
+w = z + r X(t) obeys
+
+    dw/dt = r (1 + h(w - r X(t)))
+
+whose right-hand side is continuous, so dopri5 keeps its accuracy with no jump times at all.
+With h = 0 this is the closed form z(t) = tau + r t - r X(t), which `hidden=0` uses directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from twin.priors.pharmacology import effect_integral
+
+from .ode import Solver, solve
+
+
+class Exposure:
+    """Cumulative drug effect X(t) = sum_a s_a int_0^t E_a(C_a) of one batch of patients.
+
+    doses: per agent (dose_time (B, E), dose (B, E)) NaN-padded; k, ec50: per agent, numbers
+    or (B,) tensors (Emax is 1: the sensitivity s carries the size of the effect);
+    sensitivity: (B, A).
+    """
+
+    def __init__(self, doses: list[tuple[Tensor, Tensor]], k: list, ec50: list, sensitivity: Tensor):
+        self.doses, self.k, self.ec50, self.sensitivity = doses, k, ec50, sensitivity
+
+    def __call__(self, t: Tensor) -> Tensor:
+        """X at t: () -> (B,), (B, T) -> (B, T)."""
+        total = 0.0
+        for a, (dose_time, dose) in enumerate(self.doses):
+            x = effect_integral(0.0, t, dose_time, dose, self.k[a], emax=1.0, ec50=self.ec50[a])
+            s = self.sensitivity[:, a]
+            total = total + (s if x.dim() == 1 else s[:, None]) * x
+        if isinstance(total, float):  # no drugs at all
+            n = self.sensitivity.shape[0]
+            return torch.zeros(n, dtype=self.sensitivity.dtype) if t.dim() == 0 else torch.zeros_like(t)
+        return total
+
+
+class Progression(nn.Module):
+    """z(t) for a batch of patients: `forward(tau (B,), rate (B,), exposure, times (B, T)) -> (B, T)`.
+
+    hidden: width of h's network (0: h = 0 and the closed form). times are years since
+    baseline, >= 0, NaN-padded (NaN in, NaN out).
+    """
+
+    def __init__(self, hidden: int = 16, solver: Solver = Solver(rtol=1e-4, atol=1e-5)):
+        super().__init__()
+        self.hidden, self.solver = hidden, solver
+        if hidden:
+            self.h_net = nn.Sequential(nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+            nn.init.zeros_(self.h_net[-1].weight)  # start from the prior alone: h = 0
+            nn.init.zeros_(self.h_net[-1].bias)
+
+    def h(self, z: Tensor) -> Tensor:
+        """The learned bend of the course, (B, 1) -> (B, 1), within [-1/2, 1/2] so untreated z never stalls."""
+        return 0.5 * torch.tanh(self.h_net(z))
+
+    def forward(self, tau: Tensor, rate: Tensor, exposure: Exposure, times: Tensor) -> Tensor:
+        given = torch.isfinite(times)
+        # NaN padding must stay out of the arithmetic: even masked afterwards, its gradient is NaN
+        x = exposure(torch.where(given, times, torch.zeros_like(times)))
+        if not self.hidden:
+            z = tau[:, None] + rate[:, None] * (torch.where(given, times, x) - x)
+            return torch.where(given, z, times)
+
+        def field(t: Tensor, w: Tensor) -> Tensor:  # w (B, 1)
+            z = w - (rate * exposure(t))[:, None]
+            return rate[:, None] * (1.0 + self.h(z))
+
+        w = solve(field, tau[:, None], times, solver=self.solver)[..., 0]  # (B, T), NaN where times are
+        return w - rate[:, None] * x

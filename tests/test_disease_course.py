@@ -1,0 +1,121 @@
+"""The biomarker twin's model and inference on cohorts drawn from the model itself (known truth)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from twin.inference import fit_population, orient_decoder, posterior, sample
+from twin.model import Batch, DiseaseCourse
+
+NAN = float("nan")
+
+
+def truth_model() -> DiseaseCourse:
+    torch.manual_seed(0)
+    m = DiseaseCourse(n_biomarkers=3, n_covariates=1, n_drugs=1, hidden=0, dose_scale=(10.0,))
+    with torch.no_grad():
+        m.a.copy_(torch.tensor([1.5, -1.2, -2.0]))
+        m.log_v.copy_(torch.log(torch.tensor([1.5, 1.0, 2.0])))
+        m.g.copy_(torch.tensor([0.0, 0.5, 1.0]))
+        m.log_sigma.fill_(np.log(0.1))
+        m.beta_tau.fill_(0.8)  # older patients are further along
+        m.mu_xi.fill_(np.log(0.6))
+        m.mu_zeta.fill_(1.0)
+        m.sd_xi.fill_(0.3)
+        m.omega.fill_(0.4)
+    return m
+
+
+def cohort(model: DiseaseCourse, n: int, seed: int) -> tuple[Batch, Batch, torch.Tensor]:
+    """(measured batch, the same patients' noise-free values at the same times, true effects)."""
+    g = torch.Generator().manual_seed(seed)
+    times = torch.cumsum(torch.rand(n, 6, generator=g) * 0.8 + 0.2, dim=1)
+    times = torch.cat([torch.zeros(n, 1), times[:, :-1]], dim=1)
+    times[: n // 4, 4:] = NAN  # ragged histories
+    treated = torch.arange(n) % 2 == 0
+    dose_time = torch.where(treated[:, None], 0.5 + torch.arange(20) / 12.0, torch.full((n, 20), NAN))
+    dose = torch.where(torch.isfinite(dose_time), torch.full_like(dose_time, 10.0), dose_time)
+    x = torch.randn(n, 1, generator=g)
+    eta = torch.randn(n, model.n_effects, generator=g)
+    clean = Batch(times, torch.full((n, 6, 3), NAN), x, ((dose_time, dose),))
+    with torch.no_grad():
+        mean = model.predict(eta, clean)
+    y = mean + 0.1 * torch.randn(mean.shape, generator=g)
+    return Batch(times, y, x, ((dose_time, dose),)), Batch(times, mean, x, ((dose_time, dose),)), eta
+
+
+def test_log_joint_gradient_is_finite_with_padding():
+    model = truth_model()
+    batch, _, _ = cohort(model, 12, 1)
+    eta = torch.zeros(12, model.n_effects, requires_grad=True)
+    model.log_joint(eta, batch).sum().backward()
+    assert torch.isfinite(eta.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_posterior_recovers_the_true_effects_with_honest_spread():
+    model = truth_model()
+    batch, _, eta_true = cohort(model, 60, 2)
+    eta, cov = posterior(model, batch)
+    sd = torch.linalg.diagonal(cov).sqrt()
+    # well-measured effects (tau, the offsets) are recovered; the rest are at least not contradicted
+    for j in (0, 3, 4, 5):
+        assert np.corrcoef(eta[:, j], eta_true[:, j])[0, 1] > 0.8
+    z = (eta_true - eta) / sd
+    assert (z.abs() < 2.5).float().mean() > 0.9
+    assert (sd <= 1.0 + 1e-5).all()  # never less certain than the prior
+
+
+def test_orient_decoder_finds_each_biomarkers_direction():
+    model = truth_model()
+    batch, _, _ = cohort(model, 40, 3)
+    fresh = DiseaseCourse(3, 1, 1, hidden=0, dose_scale=(10.0,))
+    assert orient_decoder(fresh, batch).tolist() == [1.0, -1.0, -1.0]
+    assert torch.equal(torch.sign(fresh.a.data), torch.tensor([1.0, -1.0, -1.0]))
+
+
+def test_fitted_model_forecasts_held_out_visits_better_than_copying_the_last():
+    truth = truth_model()
+    batch, clean, _ = cohort(truth, 80, 4)
+    torch.manual_seed(0)
+    model = DiseaseCourse(3, 1, 1, hidden=0, dose_scale=(10.0,))
+    orient_decoder(model, batch)
+    losses = []
+    fit_population(model, batch, iterations=200, lr=0.05, progress=False, on_step=lambda s, l, e, o: losses.append(l))
+    assert losses[-1] < losses[0] - 0.5
+    # condition on the first three visits, forecast the rest
+    history = Batch(torch.where(torch.arange(6) < 3, batch.times, NAN), batch.y, batch.x, batch.doses)
+    eta, cov = posterior(model, history)
+    later = torch.where(torch.arange(6) >= 3, batch.times, NAN)
+    ask = Batch(torch.where(torch.isfinite(later), later, 0.0), batch.y, batch.x, batch.doses)
+    draws, _ = sample(model, ask, eta, cov, 100, torch.Generator().manual_seed(0))
+    forecast = draws.median(0).values
+    target = torch.isfinite(later)[..., None].expand_as(forecast)
+    twin_error = (forecast - clean.y).abs()[target].mean()
+    copy_error = (batch.y[:, 2:3] - clean.y).abs()[target].mean()
+    assert twin_error < 0.7 * copy_error
+
+
+def test_samples_are_seeded_and_observations_are_noisier_than_the_course():
+    model = truth_model()
+    batch, _, _ = cohort(model, 10, 5)
+    eta, cov = posterior(model, batch)
+    ask = Batch(torch.where(torch.isfinite(batch.times), batch.times, 0.0), batch.y, batch.x, batch.doses)
+    a_truth, a_obs = sample(model, ask, eta, cov, 50, torch.Generator().manual_seed(7))
+    b_truth, b_obs = sample(model, ask, eta, cov, 50, torch.Generator().manual_seed(7))
+    assert torch.equal(a_truth, b_truth) and torch.equal(a_obs, b_obs)
+    assert a_truth.shape == (50, 10, 6, 3)
+    assert (a_obs.std(0).mean() > a_truth.std(0).mean())
+
+
+def test_spread_update_keeps_the_natural_effects():
+    model = truth_model()
+    eta = torch.randn(30, model.n_effects)
+    before = model.personal(eta, torch.zeros(30, 1))
+    after_eta = model.update_spreads(eta, torch.full_like(eta, 0.2))
+    after = model.personal(after_eta, torch.zeros(30, 1))
+    for key in ("xi", "zeta", "offset"):
+        torch.testing.assert_close(before[key], after[key], rtol=1e-5, atol=1e-6)
+    # the new spreads are the effects' root mean square, the posterior variance included
+    torch.testing.assert_close(model.omega, (before["offset"].square().mean(0) + 0.2 * 0.4**2).sqrt(), rtol=1e-5, atol=1e-6)

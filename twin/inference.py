@@ -1,0 +1,139 @@
+"""Fitting the disease-course model to a cohort, and a patient's posterior given the population.
+
+- `fit_population`: joint MAP of the population parameters and the training patients'
+  whitened effects (Adam), with the spreads updated from the effects' moments every few
+  steps. Full batch: cohorts of biomarker tables are small.
+- `posterior`: a patient's effects given the population: MAP (L-BFGS on all patients at once;
+  their objectives are independent, so the sum's optimum is each one's), then a Laplace
+  approximation, N(MAP, H^-1), from the block-diagonal Hessian (P Hessian-vector products for
+  the whole batch, P = effects per patient).
+- `sample`: K draws of each patient's noise-free biomarkers and of new observations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .model import Batch, DiseaseCourse
+
+
+def fit_population(model: DiseaseCourse, batch: Batch, *, iterations: int, lr: float = 0.03,
+                   eta: Tensor | None = None, start: int = 0, spread_every: int = 25,
+                   optimiser_state: dict | None = None,
+                   on_step: Callable[[int, float, Tensor, torch.optim.Optimizer], None] | None = None,
+                   progress: bool = True) -> Tensor:
+    """Train `model` on `batch` from step `start` to `iterations`; return the patients' effects eta (S, P).
+
+    on_step(step, loss, eta, optimiser) is called after each step (checkpoints hook in there:
+    the optimiser's state_dict is what `optimiser_state` takes back to resume exactly).
+    """
+    from tqdm.auto import tqdm
+
+    eta = torch.zeros(len(batch), model.n_effects) if eta is None else eta.clone()
+    eta.requires_grad_(True)
+    optimiser = torch.optim.Adam([{"params": model.parameters()}, {"params": [eta]}], lr=lr)
+    if optimiser_state is not None:
+        optimiser.load_state_dict(optimiser_state)
+    n_measured = int(torch.isfinite(batch.y).sum())
+    bar = tqdm(range(start, iterations), desc="fitting the twin", unit="step", disable=not progress)
+    for step in bar:
+        optimiser.zero_grad()
+        loss = -model.log_joint(eta, batch).sum() / n_measured
+        loss.backward()
+        optimiser.step()
+        if (step + 1) % spread_every == 0 and step + 1 < iterations:
+            variance = torch.linalg.diagonal(_laplace_covariance(model, eta.detach(), batch))
+            with torch.no_grad():
+                eta.copy_(model.update_spreads(eta.detach(), variance))
+        loss = float(loss.detach())
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if on_step is not None:
+            on_step(step + 1, loss, eta.detach(), optimiser)
+    return eta.detach()
+
+
+@torch.no_grad()
+def orient_decoder(model: DiseaseCourse, batch: Batch) -> Tensor:
+    """Point each biomarker's amplitude a_b the way it moves within patients over time; returns the signs.
+
+    z always advances with time (the rate is positive), so a_b's sign says whether biomarker b
+    rises or falls as the disease advances. Left to the optimiser from a_b = 1 for all, a
+    cohort whose cross-section is strong (age tells stage) can settle with the course running
+    backwards in time for some biomarkers: the pooled within-patient slope fixes that at the start.
+    """
+    t = batch.times[..., None].expand_as(batch.y)
+    seen = torch.isfinite(batch.y) & torch.isfinite(t)
+    n = seen.sum(1).clamp(min=1)
+    t0 = torch.where(seen, t, torch.zeros_like(t))
+    y0 = torch.where(seen, batch.y, torch.zeros_like(batch.y))
+    tc = torch.where(seen, t0 - t0.sum(1, keepdim=True) / n[:, None], torch.zeros_like(t0))
+    yc = torch.where(seen, y0 - y0.sum(1, keepdim=True) / n[:, None], torch.zeros_like(y0))
+    slope = (tc * yc).sum((0, 1))  # pooled within-patient covariance of time and value, per biomarker
+    sign = torch.where(slope < 0, -1.0, 1.0)
+    model.a.copy_(sign * model.a.abs())
+    return sign
+
+
+def posterior(model: DiseaseCourse, batch: Batch, *, steps: int = 60) -> tuple[Tensor, Tensor]:
+    """Laplace posterior of each patient's effects: (MAP (S, P), covariance (S, P, P))."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        eta = torch.zeros(len(batch), model.n_effects, requires_grad=True)
+        optimiser = torch.optim.LBFGS([eta], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
+                                      tolerance_grad=1e-7, tolerance_change=1e-10)
+
+        def closure():
+            optimiser.zero_grad()
+            loss = -model.log_joint(eta, batch).sum()
+            loss.backward()
+            return loss
+
+        optimiser.step(closure)
+        eta = eta.detach()
+        return eta, _laplace_covariance(model, eta, batch)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
+def _laplace_covariance(model: DiseaseCourse, eta: Tensor, batch: Batch) -> Tensor:
+    """H^-1 per patient (S, P, P), H the Hessian of -log p(y, eta) at eta."""
+    hessian = _block_hessian(lambda e: -model.log_joint(e, batch).sum(), eta).detach()
+    # H = I (the whitened prior) + the likelihood's curvature, which is positive semi-definite
+    # at the mode (Gauss-Newton) but not away from it: floor the eigenvalues at the prior's 1,
+    # so no effect is ever more uncertain than the prior says.
+    hessian = 0.5 * (hessian + hessian.transpose(1, 2)).double()
+    eigen, vectors = torch.linalg.eigh(hessian)
+    cov = vectors @ torch.diag_embed(1.0 / eigen.clamp(min=1.0)) @ vectors.transpose(1, 2)
+    return cov.to(eta.dtype)
+
+
+def _block_hessian(f: Callable[[Tensor], Tensor], eta: Tensor) -> Tensor:
+    """Per-patient Hessian blocks (S, P, P) of f = sum_i f_i(eta_i), by P Hessian-vector products."""
+    eta = eta.detach().requires_grad_(True)
+    grad = torch.autograd.grad(f(eta), eta, create_graph=True)[0]  # (S, P)
+    S, P = eta.shape
+    rows = []
+    for j in range(P):
+        v = torch.zeros(S, P)
+        v[:, j] = 1.0  # e_j for every patient at once: blocks do not mix
+        rows.append(torch.autograd.grad(grad, eta, grad_outputs=v, retain_graph=j < P - 1)[0])
+    return torch.stack(rows, dim=1)  # (S, P, P): row j is d(grad)/d(eta_j)
+
+
+@torch.no_grad()
+def sample(model: DiseaseCourse, batch: Batch, eta: Tensor, cov: Tensor, n: int,
+           generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """K = n draws at batch.times, standardised: (truth (K, S, T, B), observation (K, S, T, B))."""
+    S, P = eta.shape
+    chol = torch.linalg.cholesky(cov + 1e-6 * torch.eye(P))
+    draws = eta + torch.einsum("spq,ksq->ksp", chol, torch.randn(n, S, P, generator=generator))
+    big = Batch(batch.times.repeat(n, 1), batch.y.repeat(n, 1, 1), batch.x.repeat(n, 1),
+                tuple((t.repeat(n, 1), d.repeat(n, 1)) for t, d in batch.doses))
+    truth = model.predict(draws.reshape(n * S, P), big).reshape(n, S, *batch.times.shape[1:], -1)
+    noise = torch.randn(truth.shape, generator=generator) * torch.exp(model.log_sigma)
+    return truth, truth + noise

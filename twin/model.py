@@ -1,0 +1,152 @@
+"""The biomarker twin's model: a disease-course mixed-effects model on a latent neural ODE.
+
+Patient i has a latent disease state z_i(t) (`twin.dynamics.progression`) and biomarkers that
+are sigmoid functions of it, on the standardised scale (value - mean_b) / scale_b:
+
+    y_ib(t) = c_b + o_ib + a_b sigmoid(v_b (z_i(t) - g_b)) + noise_b,      noise_b ~ N(0, sigma_b^2)
+    z_i(0) = tau_i,   rate r_i = exp(xi_i),   drug sensitivity s_ia = sigmoid(zeta_ia)
+
+Population parameters: the decoder (c, a, v, g), sigma, the drugs' elimination rates and EC50,
+the fixed effects of the covariates (standardised, the baseline on the cohort's clock
+included: age tells a patient's stage) on tau and xi, and the spread of the personal
+effects. Personal effects (tau, xi, zeta, o) are Gaussian around the fixed effects:
+tau ~ N(mu_tau + beta_tau x, 1) (its unit spread fixes the scale of z), xi ~ N(mu_xi +
+beta_xi x, sd_xi^2), zeta_a ~ N(mu_zeta_a, sd_zeta_a^2), o_b ~ N(0, omega_b^2).
+
+Fitting (`fit`) maximises the joint posterior of the population and the training patients'
+effects; the spreads are updated from the effects' moments (as in SAEM), because a gradient
+on them drives the joint mode to zero spread. A new patient's effects get a Laplace
+posterior (MAP and inverse Hessian) given the population: forecasts sample it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from twin.dynamics.progression import Exposure, Progression
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Patients as tensors. S patients, V visit slots, B biomarkers, K covariates, A drugs, E dose slots.
+
+    times (S, V) years since baseline, NaN-padded; y (S, V, B) standardised, NaN = not measured;
+    x (S, K) standardised covariates; doses: per drug (dose_time (S, E), dose (S, E)) NaN-padded.
+    """
+
+    times: Tensor
+    y: Tensor
+    x: Tensor
+    doses: tuple[tuple[Tensor, Tensor], ...]
+
+    def __len__(self) -> int:
+        return self.times.shape[0]
+
+    def take(self, index: Tensor) -> Batch:
+        return Batch(self.times[index], self.y[index], self.x[index],
+                     tuple((t[index], d[index]) for t, d in self.doses))
+
+    def with_times(self, times: Tensor) -> Batch:
+        """The same patients asked about other times (nothing measured there)."""
+        y = torch.full((*times.shape, self.y.shape[-1]), float("nan"), dtype=self.y.dtype)
+        return Batch(times, y, self.x, self.doses)
+
+    def with_doses(self, doses) -> Batch:
+        return Batch(self.times, self.y, self.x, tuple(doses))
+
+
+class DiseaseCourse(nn.Module):
+    """Population model; personal effects are whitened: eta (S, P) with P = 2 + A + B.
+
+    eta = (tau deviation, xi deviation in units of sd_xi, zeta deviations in units of sd_zeta,
+    offsets in units of omega): the prior of eta is N(0, I), which makes MAP and Laplace simple.
+    """
+
+    def __init__(self, n_biomarkers: int, n_covariates: int, n_drugs: int, *, hidden: int = 16,
+                 dose_scale: tuple[float, ...] = ()):
+        super().__init__()
+        B, K, A = n_biomarkers, n_covariates, n_drugs
+        self.B, self.K, self.A = B, K, A
+        self.c = nn.Parameter(torch.zeros(B))
+        self.a = nn.Parameter(torch.ones(B))
+        self.log_v = nn.Parameter(torch.zeros(B))
+        self.g = nn.Parameter(torch.linspace(-1.0, 1.0, B))
+        self.log_sigma = nn.Parameter(torch.full((B,), math.log(0.3)))
+        self.mu_tau = nn.Parameter(torch.zeros(()))
+        self.beta_tau = nn.Parameter(torch.zeros(K))
+        self.mu_xi = nn.Parameter(torch.tensor(math.log(0.5)))
+        self.beta_xi = nn.Parameter(torch.zeros(K))
+        self.mu_zeta = nn.Parameter(torch.zeros(A))
+        # drugs: elimination rate k (per year, a month's half-life to start) and EC50 (dose units)
+        self.log_k = nn.Parameter(torch.full((A,), math.log(math.log(2) / (30 / 365.25))))
+        scale = torch.tensor(dose_scale if dose_scale else [1.0] * A, dtype=torch.float32)
+        self.log_ec50 = nn.Parameter(torch.log(scale))
+        # spreads: set from the effects' moments during fitting, not by gradient
+        self.register_buffer("sd_xi", torch.tensor(0.3))
+        self.register_buffer("sd_zeta", torch.ones(A))
+        self.register_buffer("omega", torch.full((B,), 0.5))
+        self.progression = Progression(hidden)
+
+    @property
+    def n_effects(self) -> int:
+        return 2 + self.A + self.B
+
+    def personal(self, eta: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """Natural-scale personal parameters from whitened effects eta (S, P) and covariates x (S, K)."""
+        A = self.A
+        return {
+            "tau": self.mu_tau + x @ self.beta_tau + eta[:, 0],
+            "xi": self.mu_xi + x @ self.beta_xi + self.sd_xi * eta[:, 1],
+            "zeta": self.mu_zeta + self.sd_zeta * eta[:, 2:2 + A],
+            "offset": self.omega * eta[:, 2 + A:],
+        }
+
+    def state(self, eta: Tensor, batch: Batch) -> Tensor:
+        """z (S, T) at batch.times."""
+        p = self.personal(eta, batch.x)
+        exposure = Exposure(list(batch.doses), list(torch.exp(self.log_k)), list(torch.exp(self.log_ec50)),
+                            torch.sigmoid(p["zeta"]))
+        return self.progression(p["tau"], torch.exp(p["xi"]), exposure, batch.times)
+
+    def decode(self, z: Tensor, offset: Tensor) -> Tensor:
+        """Standardised biomarkers (S, T, B) from z (S, T) and offsets (S, B)."""
+        v = torch.exp(self.log_v)
+        return self.c + offset[:, None, :] + self.a * torch.sigmoid(v * (z[..., None] - self.g))
+
+    def predict(self, eta: Tensor, batch: Batch) -> Tensor:
+        """Noise-free standardised biomarkers (S, T, B) at batch.times."""
+        return self.decode(self.state(eta, batch), self.personal(eta, batch.x)["offset"])
+
+    def log_joint(self, eta: Tensor, batch: Batch) -> Tensor:
+        """log p(y, eta) per patient (S,): Gaussian likelihood of what was measured plus the prior."""
+        # NaN must not enter the arithmetic at all, even masked: its gradient would be NaN * 0
+        seen = torch.isfinite(batch.y) & torch.isfinite(batch.times)[..., None]
+        times = torch.where(torch.isfinite(batch.times), batch.times, torch.zeros_like(batch.times))
+        mean = self.predict(eta, Batch(times, batch.y, batch.x, batch.doses))
+        y = torch.where(seen, batch.y, torch.zeros_like(batch.y))
+        sigma = torch.exp(self.log_sigma)
+        resid = torch.where(seen, (y - mean) / sigma, torch.zeros_like(mean))
+        loglik = -0.5 * resid.square() - torch.where(seen, self.log_sigma.expand_as(mean), torch.zeros_like(mean))
+        return loglik.sum((1, 2)) - 0.5 * eta.square().sum(1)
+
+    @torch.no_grad()
+    def update_spreads(self, eta: Tensor, variance: Tensor, floor: float = 0.02) -> Tensor:
+        """The EM step for the personal effects' spreads: sd^2 <- mean over patients of E[effect^2].
+
+        eta (S, P) whitened MAP effects and variance (S, P) their Laplace posterior variances
+        (whitened). The variance term is what keeps a spread from collapsing: the MAP alone
+        shrinks towards the prior mean, and spreads set from it alone shrink step after step.
+        Returns eta re-whitened under the new spreads, so the natural-scale effects stay put.
+        """
+        A = self.A
+        eta = eta.clone()
+        for sd, cols in ((self.sd_xi, slice(1, 2)), (self.sd_zeta, slice(2, 2 + A)), (self.omega, slice(2 + A, None))):
+            second_moment = (eta[:, cols].square() + variance[:, cols]).mean(0) * sd.reshape(-1).square()
+            new = second_moment.sqrt().clamp(min=floor).reshape(sd.shape)
+            eta[:, cols] = eta[:, cols] * sd / new
+            sd.copy_(new)
+        return eta

@@ -1,0 +1,96 @@
+"""From a cohort Dataset to the model's tensors, and the standardisation that goes with them.
+
+The model works on standardised biomarkers ((value - mean) / scale, per biomarker) and
+standardised covariates; the baseline on the cohort's clock (age, for most cohorts) is the
+first covariate. `Standardiser` holds those constants; it is part of a checkpoint, so a model
+applied to new patients scales them exactly as its training cohort was scaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import xarray as xr
+
+from twin.errors import InputError
+
+from .model import Batch
+
+
+@dataclass(frozen=True)
+class Standardiser:
+    biomarker: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    covariate: tuple[str, ...]  # "baseline_time" first, then the cohort's covariates
+    x_mean: tuple[float, ...]
+    x_scale: tuple[float, ...]
+    agents: tuple[str, ...]  # drugs the model knows; radiotherapy and others are ignored
+    dose_scale: tuple[float, ...]  # a typical dose per agent, EC50's starting point
+
+    @classmethod
+    def from_cohort(cls, ds: xr.Dataset) -> Standardiser:
+        if "biomarkers" not in ds:
+            raise InputError("the biomarker twin needs a cohort with biomarkers", source="cohort", field="biomarkers")
+        y = np.where(ds["observed"].values[..., None], ds["biomarkers"].values, np.nan)
+        mean, scale = np.nanmean(y, axis=(0, 1)), np.nanstd(y, axis=(0, 1))
+        x = _covariates(ds)
+        x_mean, x_scale = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
+        agents = sorted({str(a) for a in np.asarray(ds["event_agent"].values).ravel()} - {"", "radiotherapy"})
+        dose = ds["event_dose"].values
+        dose_scale = [float(np.nanmedian(dose[np.asarray(ds["event_agent"].values) == a])) for a in agents]
+        return cls(tuple(map(str, ds["biomarker"].values)), _tuple(mean), _tuple(np.where(scale > 0, scale, 1.0)),
+                   ("baseline_time", *map(str, ds["covariate"].values)) if "covariate" in ds.coords else ("baseline_time",),
+                   _tuple(x_mean), _tuple(np.where(x_scale > 0, x_scale, 1.0)), tuple(agents),
+                   _tuple(np.maximum(dose_scale, 1e-6)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Standardiser:
+        return cls(**{k: tuple(v) for k, v in d.items()})
+
+    def batch(self, ds: xr.Dataset, times: np.ndarray | None = None, *, events: str = "event") -> Batch:
+        """The cohort's patients as a Batch: measured values, or the query `times` (S, T) with nothing measured.
+
+        events: which schedule to give the model, the received one ("event") or, on simulated
+        cohorts, the "alternative_event" one.
+        """
+        biomarker = tuple(map(str, ds["biomarker"].values))
+        if biomarker != self.biomarker:
+            raise InputError(f"the model knows biomarkers {list(self.biomarker)}, the cohort has {list(biomarker)}",
+                             source="cohort", field="biomarker")
+        observed = ds["observed"].values
+        y = np.where(observed[..., None], ds["biomarkers"].values, np.nan)
+        y = (y - np.asarray(self.mean)) / np.asarray(self.scale)
+        t = np.where(observed, ds["time"].values, np.nan)
+        if times is not None:
+            t, y = np.asarray(times, dtype=np.float64), np.full((*np.shape(times), len(biomarker)), np.nan)
+        x = _covariates(ds)
+        if x.shape[1] != len(self.covariate):
+            raise InputError(f"the model knows covariates {list(self.covariate[1:])}, the cohort has "
+                             f"{x.shape[1] - 1}", source="cohort", field="covariate")
+        x = (x - np.asarray(self.x_mean)) / np.asarray(self.x_scale)
+        x = np.where(np.isfinite(x), x, 0.0)  # a missing covariate sits at the cohort mean
+        agent = np.asarray(ds[f"{events}_agent"].values).astype(str)
+        doses = []
+        for a in self.agents:
+            mine = agent == a
+            doses.append((_t(np.where(mine, ds[f"{events}_time"].values, np.nan)), _t(np.where(mine, ds[f"{events}_dose"].values, np.nan))))
+        return Batch(_t(t), _t(y), _t(x), tuple(doses))
+
+
+def _covariates(ds: xr.Dataset) -> np.ndarray:
+    base = ds["baseline_time"].values[:, None]
+    return np.concatenate([base, ds["covariates"].values], axis=1) if "covariates" in ds else base
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a, dtype=np.float32))
+
+
+def _tuple(a) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.asarray(a).ravel())
