@@ -1,23 +1,27 @@
-"""Latent disease progression slowed by drugs: the controlled neural ODE of the biomarker twin.
+"""Latent disease course under treatment: the controlled neural ODE of the biomarker twin.
 
-Each patient has a scalar disease state z (a "disease time"), advancing at a personal rate r
-and slowed by every drug a in proportion to the patient's sensitivity s_a and the drug's Emax
-effect at its one-compartment concentration C_a(t):
+Each patient has a scalar disease state z (a "disease time", or a log tumour burden),
+advancing at a personal rate r, held back by every drug a in proportion to the patient's
+sensitivity s_a and the drug's Emax effect at its one-compartment concentration C_a(t), and,
+for tumours, knocked back by each radiotherapy fraction of d Gy by the linear-quadratic
+log-kill alpha (d + d^2 / (alpha/beta)):
 
-    dz/dt = r (1 + h(z)) - r sum_a s_a E_a(C_a(t)),        z(0) = tau
+    dz/dt = r (1 + h(z)) - r sum_a s_a E_a(C_a(t)),        z(t_f+) = z(t_f-) - alpha (d_f + d_f^2 / ab)
 
-f_prior = r - r sum_a s_a E_a is monotone neurodegeneration with the drug effect
-(`twin.priors`); f_nn = r h(z) is a small network, |h| <= 1/2, that bends the course where
-the cohort says it bends. E_a(C_a(t)) jumps at every dose, so the solver must not step over
-dose times blindly. Rather than stopping the solver at each of hundreds of monthly doses, the
-jumps are integrated exactly: with the cumulative exposure X(t) = sum_a s_a int_0^t E_a
-(closed form, `priors.pharmacology.effect_integral`; continuous, with kinks only at doses),
-w = z + r X(t) obeys
+f_prior is monotone neurodegeneration slowed by drugs, or exponential growth with chemo- and
+radiotherapy kill (`twin.priors`); f_nn = r h(z) is a small network, |h| <= 1/2, that bends the
+course where the cohort says it bends. E_a(C_a(t)) jumps at every dose, so the solver must not
+step over dose times blindly. Rather than stopping the solver at each of hundreds of doses,
+the drugs are integrated exactly: with the cumulative exposure X(t) = sum_a s_a int_0^t E_a
+(closed form, `priors.pharmacology.effect_integral`; continuous, with kinks only at doses) and
+the cumulative radiotherapy log-kill R(t) = alpha sum_{t_f <= t} (d_f + d_f^2 / ab), the
+variable w = z + r X(t) + R(t) obeys
 
-    dw/dt = r (1 + h(w - r X(t)))
+    dw/dt = r (1 + h(w - r X(t) - R(t)))
 
-whose right-hand side is continuous, so dopri5 keeps its accuracy with no jump times at all.
-With h = 0 this is the closed form z(t) = tau + r t - r X(t), which `hidden=0` uses directly.
+whose right-hand side is continuous except at fractions (passed to the solver as jump
+times), so dopri5 keeps its accuracy. With h = 0 this is the closed form
+z(t) = tau + r t - r X(t) - R(t), which `hidden=0` uses directly.
 """
 
 from __future__ import annotations
@@ -54,9 +58,29 @@ class Exposure:
         return total
 
 
+class Radiotherapy:
+    """Cumulative linear-quadratic dose R(t)/alpha = sum_{t_f <= t} (d_f + d_f^2 / ab) of fractions (B, F) NaN-padded."""
+
+    def __init__(self, time: Tensor, dose: Tensor, alpha_beta: float = 10.0):
+        given = torch.isfinite(time) & torch.isfinite(dose)
+        self.time = torch.where(given, time, torch.full_like(time, float("inf")))
+        self.effective = torch.where(given, dose + dose.square() / alpha_beta, torch.zeros_like(dose))
+
+    @property
+    def jump_times(self) -> Tensor:
+        return self.time[torch.isfinite(self.time)]
+
+    def __call__(self, t: Tensor) -> Tensor:
+        """At t: () -> (B,), (B, T) -> (B, T); right-continuous (a fraction at t counts)."""
+        if t.dim() == 0:
+            return ((self.time <= t) * self.effective).sum(-1)
+        return ((self.time[:, None, :] <= t[..., None]) * self.effective[:, None, :]).sum(-1)
+
+
 class Progression(nn.Module):
     """z(t) for a batch of patients: `forward(tau (B,), rate (B,), exposure, times (B, T)) -> (B, T)`.
 
+    Optional `radiotherapy` with per-patient `alpha` (B,) (log-kill per effective Gy).
     hidden: width of h's network (0: h = 0 and the closed form). times are years since
     baseline, >= 0, NaN-padded (NaN in, NaN out).
     """
@@ -73,17 +97,28 @@ class Progression(nn.Module):
         """The learned bend of the course, (B, 1) -> (B, 1), within [-1/2, 1/2] so untreated z never stalls."""
         return 0.5 * torch.tanh(self.h_net(z))
 
-    def forward(self, tau: Tensor, rate: Tensor, exposure: Exposure, times: Tensor) -> Tensor:
+    def forward(self, tau: Tensor, rate: Tensor, exposure: Exposure, times: Tensor,
+                radiotherapy: Radiotherapy | None = None, alpha: Tensor | None = None) -> Tensor:
         given = torch.isfinite(times)
+
+        def lost(t: Tensor) -> Tensor:  # r X(t) + R(t): progress taken away by treatment by time t
+            r = rate if t.dim() == 0 else rate[:, None]
+            out = r * exposure(t)
+            if radiotherapy is not None:
+                out = out + (alpha if t.dim() == 0 else alpha[:, None]) * radiotherapy(t)
+            return out
+
         # NaN padding must stay out of the arithmetic: even masked afterwards, its gradient is NaN
-        x = exposure(torch.where(given, times, torch.zeros_like(times)))
+        safe = torch.where(given, times, torch.zeros_like(times))
+        loss = lost(safe)
         if not self.hidden:
-            z = tau[:, None] + rate[:, None] * (torch.where(given, times, x) - x)
+            z = tau[:, None] + rate[:, None] * safe - loss
             return torch.where(given, z, times)
 
         def field(t: Tensor, w: Tensor) -> Tensor:  # w (B, 1)
-            z = w - (rate * exposure(t))[:, None]
+            z = w - lost(t)[:, None]
             return rate[:, None] * (1.0 + self.h(z))
 
-        w = solve(field, tau[:, None], times, solver=self.solver)[..., 0]  # (B, T), NaN where times are
-        return w - rate[:, None] * x
+        jumps = radiotherapy.jump_times if radiotherapy is not None else None
+        w = solve(field, tau[:, None], times, rhs_jumps=jumps, solver=self.solver)[..., 0]  # NaN where times are
+        return w - loss

@@ -10,7 +10,15 @@ import torch
 
 from twin.dynamics.ode import Solver, StateJumps, solve
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Closed forms are checked to 1e-6 and better: float64 here, and only here (collection imports every module)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def test_exponential_decay_batched_with_ragged_times():

@@ -1,6 +1,24 @@
-"""Twin: a digital-twin engine for longitudinal medical imaging."""
+"""Twin: a digital-twin engine for longitudinal medical imaging.
+
+    from twin import BiomarkerTwin, TwinConfig
+    twin = BiomarkerTwin.fit(cohort, TwinConfig(), checkpoint_dir="model")
+    result = twin.forecast(cohort, horizons=[1, 2, 3])      # an xarray Dataset
+"""
+
+import importlib
 
 from .errors import CohortError, InputError, TwinError
 
 __version__ = "0.1.0"
-__all__ = ["InputError", "CohortError", "TwinError", "__version__"]
+__all__ = ["BiomarkerTwin", "TwinConfig", "read_requests", "open_result", "write_result", "export_result_table",
+           "InputError", "CohortError", "TwinError", "__version__"]
+
+# Imported on first use, so `import twin` (and `twin --help`) does not pay for torch.
+_LAZY = {"BiomarkerTwin": "biomarker_twin", "TwinConfig": "biomarker_twin", "read_requests": "biomarker_twin",
+         "open_result": "results", "write_result": "results", "export_result_table": "results"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'twin' has no attribute {name!r}")

@@ -97,6 +97,76 @@ def _format_info(path: str, s: dict) -> str:
     return "\n".join(lines)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from twin import BiomarkerTwin, TwinConfig
+    from twin.data import open_cohort
+
+    base = TwinConfig.from_dict(_read_json(args.config), source=args.config) if args.config else TwinConfig()
+    given = {k: getattr(args, k) for k in ("iterations", "hidden", "seed", "calibration_fraction") if getattr(args, k) is not None}
+    config = TwinConfig.from_dict({**base.to_dict(), **given}, source="options")
+    ds = open_cohort(args.cohort)
+    twin = BiomarkerTwin.fit(ds, config, checkpoint_dir=args.output, overwrite=args.overwrite, progress=not args.quiet)
+    factors = ", ".join(f"{level:g}: x{f:.2f}" for level, f in zip(twin.calibration.levels, twin.calibration.factors[0]))
+    print(f"wrote {args.output} ({ds.sizes['subject']} subjects, {len(twin.standardiser.biomarker)} biomarkers, "
+          f"{config.iterations} steps, seed {config.seed}; band factors at the shortest horizons {factors})")
+    return 0
+
+
+def _ask(args: argparse.Namespace, kind: str) -> int:
+    from twin import BiomarkerTwin, write_result
+    from twin.data import open_cohort
+
+    twin = BiomarkerTwin.load(args.model)
+    ds = open_cohort(args.cohort)
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    at = args.at or None  # a path: the API reads it and names it in errors
+    horizons = _numbers(args.times, "--times") if getattr(args, "times", None) else None
+    options = dict(n_samples=args.n_samples, samples=args.samples, seed=args.seed)
+    if kind == "forecast":
+        result = twin.forecast(ds, subjects, horizons=horizons, at=at, **options)
+    elif kind == "fill":
+        result = twin.fill(ds, subjects, at=at, **options)
+    else:
+        extra = {"horizons": horizons} if horizons is not None else {}
+        result = twin.simulate(ds, args.scenario, subjects, at=at, **extra, **options)
+    path = write_result(result, args.output, overwrite=args.overwrite)
+    flagged = int(result["flags"].any("check").sum())
+    arms = f", arms {', '.join(map(str, result['arm'].values))}" if "arm" in result.dims else ""
+    print(f"wrote {path} ({kind}: {result.sizes['subject']} subjects, {int(result['time'].notnull().sum())} times{arms}; "
+          f"{flagged} values flagged implausible)")
+    return 0
+
+
+def _export_table(args: argparse.Namespace) -> int:
+    from twin import export_result_table, open_result
+
+    if Path(args.output).exists() and not args.overwrite:
+        raise InputError("already exists; choose another path or overwrite it", source=args.output)
+    result = open_result(args.result)
+    export_result_table(result, args.output)
+    print(f"wrote {args.output} ({result.attrs.get('kind')} on the clock {result.attrs.get('clock')!r})")
+    return 0
+
+
+def _numbers(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"expected comma-separated numbers such as 1,2,3, got {text!r}", source=option) from None
+    if not values:
+        raise InputError(f"expected comma-separated numbers such as 1,2,3, got {text!r}", source=option)
+    return values
+
+
+def _read_json(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("no such file", source=path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"not readable JSON ({err})", source=path) from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -141,11 +211,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", help="name of the time column's clock, e.g. 'age (years)' (default: from the column name)")
     writes(p)
 
-    exp = sub.add_parser("export", help="export scans to NIfTI").add_subparsers(dest="target", required=True, metavar="TARGET")
+    exp = sub.add_parser("export", help="export scans to NIfTI, results to tables").add_subparsers(dest="target", required=True, metavar="TARGET")
     p = command("nifti", "write scans as NIfTI with each subject's affine, in a BIDS-derivatives layout", _export_nifti, exp)
     p.add_argument("cohort", metavar="COHORT.zarr")
     p.add_argument("--variables", default="image", help="comma-separated image variables to export (default: image)")
     writes(p, "DIR")
+    p = command("table", "write a result as CSV: subject,time,biomarker,mean,q05,q25,q50,q75,q95 (scenario results: "
+                "subject,arm,time,... plus effect_mean,effect_q05,...), time on the cohort's clock", _export_table, exp)
+    p.add_argument("result", metavar="RESULT.zarr")
+    writes(p, "OUT.csv")
+
+    p = command("train", "fit the biomarker twin on a cohort with biomarkers; an interrupted training resumes "
+                "when run again with the same output", _train)
+    p.add_argument("cohort", metavar="COHORT.zarr")
+    p.add_argument("--config", metavar="CONFIG.json", help="settings (TwinConfig fields as JSON); options below override it")
+    p.add_argument("--iterations", type=_positive_int, help="optimiser steps (default 600)")
+    p.add_argument("--hidden", type=int, help="width of the learned bend of the disease course (default 0: closed form)")
+    p.add_argument("--seed", type=int, help="random seed of initialisation and sampling (default 0)")
+    p.add_argument("--calibration-fraction", type=float,
+                   help="subjects held out of the fit to calibrate the bands (default 0.2; 0: in-sample)")
+    writes(p, "MODEL_DIR")
+
+    def asks(p: argparse.ArgumentParser, kind: str) -> None:
+        p.add_argument("model", metavar="MODEL_DIR")
+        p.add_argument("cohort", metavar="COHORT.zarr")
+        if kind == "scenario":
+            p.add_argument("scenario", metavar="SCENARIO.yaml", help="arms in the twin-scenarios/1 format (YAML or TOML)")
+        at_help = "subject,time rows, times on the cohort's own clock (as imported: age, or years since baseline)"
+        if kind == "fill":
+            p.add_argument("--at", metavar="REQUESTS.csv", help=at_help + "; default: each subject's missed planned visits")
+        else:
+            when = p.add_mutually_exclusive_group(required=kind == "forecast")
+            when.add_argument("--times", metavar="1,2,3", help="years after each subject's last observed visit, the same "
+                              "for every subject" + (" (default 0.5,1,1.5,2,2.5,3)" if kind == "scenario" else ""))
+            when.add_argument("--at", metavar="REQUESTS.csv", help=at_help)
+        p.add_argument("--subjects", metavar="ID,ID", help="only these subjects (comma-separated; default: all, or those in --at)")
+        p.add_argument("--n-samples", type=_positive_int, help="draws per answer (default: the model's, 200)")
+        p.add_argument("--samples", action="store_true", help="keep the draws in the result (variable samples)")
+        p.add_argument("--seed", type=int, help="seed of the draws (default: the model's); recorded in the result")
+        writes(p, "RESULT.zarr")
+
+    p = command("forecast", "forecast biomarkers with calibrated bands and plausibility flags, given each subject's "
+                "observed visits", lambda a: _ask(a, "forecast"))
+    asks(p, "forecast")
+    p = command("fill", "fill missed visits (default: each subject's planned visits that did not take place)",
+                lambda a: _ask(a, "fill"))
+    asks(p, "fill")
+    p = command("scenario", "replay each subject under the arms of a scenario file and under its own schedule "
+                "(arm factual); effects are arm - factual on paired draws", lambda a: _ask(a, "scenario"))
+    asks(p, "scenario")
 
     p = command("validate", "check a cohort store against every rule of the format (exit 0 valid, 2 not)", _validate)
     p.add_argument("cohort", metavar="COHORT.zarr")

@@ -77,12 +77,20 @@ def orient_decoder(model: DiseaseCourse, batch: Batch) -> Tensor:
     return sign
 
 
-def posterior(model: DiseaseCourse, batch: Batch, *, steps: int = 60) -> tuple[Tensor, Tensor]:
-    """Laplace posterior of each patient's effects: (MAP (S, P), covariance (S, P, P))."""
+def posterior(model: DiseaseCourse, batch: Batch, *, steps: int = 60,
+              init: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Laplace posterior of each patient's effects: (MAP (S, P), covariance (S, P, P)).
+
+    init (S, P): where L-BFGS starts (default 0, the prior mean); an amortised guess
+    (`twin.amortise`) starts it near the mode, so it needs fewer steps.
+    """
+    shape = (len(batch), model.n_effects)
+    if init is not None and tuple(init.shape) != shape:
+        raise ValueError(f"posterior: init must be (S, P) = {shape}, got {tuple(init.shape)}")
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        eta = torch.zeros(len(batch), model.n_effects, requires_grad=True)
+        eta = (torch.zeros(shape) if init is None else init.detach().clone()).requires_grad_(True)
         optimiser = torch.optim.LBFGS([eta], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
                                       tolerance_grad=1e-7, tolerance_change=1e-10)
 
@@ -132,8 +140,7 @@ def sample(model: DiseaseCourse, batch: Batch, eta: Tensor, cov: Tensor, n: int,
     S, P = eta.shape
     chol = torch.linalg.cholesky(cov + 1e-6 * torch.eye(P))
     draws = eta + torch.einsum("spq,ksq->ksp", chol, torch.randn(n, S, P, generator=generator))
-    big = Batch(batch.times.repeat(n, 1), batch.y.repeat(n, 1, 1), batch.x.repeat(n, 1),
-                tuple((t.repeat(n, 1), d.repeat(n, 1)) for t, d in batch.doses))
+    big = batch.repeat(n)
     truth = model.predict(draws.reshape(n * S, P), big).reshape(n, S, *batch.times.shape[1:], -1)
     noise = torch.randn(truth.shape, generator=generator) * torch.exp(model.log_sigma)
     return truth, truth + noise

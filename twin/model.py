@@ -6,6 +6,11 @@ are sigmoid functions of it, on the standardised scale (value - mean_b) / scale_
     y_ib(t) = c_b + o_ib + a_b sigmoid(v_b (z_i(t) - g_b)) + noise_b,      noise_b ~ N(0, sigma_b^2)
     z_i(0) = tau_i,   rate r_i = exp(xi_i),   drug sensitivity s_ia = sigmoid(zeta_ia)
 
+Two families of course (`family`): "progression" (neurodegeneration: a drug can only slow the
+course, s in (0, 1), and radiotherapy plays no part) and "growth" (a tumour's log burden: a
+drug can kill faster than the tumour grows, s = exp(zeta) in (0, inf), and each radiotherapy
+fraction takes alpha_i (d + d^2 / 10) off z, alpha_i = exp(log-normal effect)).
+
 Population parameters: the decoder (c, a, v, g), sigma, the drugs' elimination rates and EC50,
 the fixed effects of the covariates (standardised, the baseline on the cohort's clock
 included: age tells a patient's stage) on tau and xi, and the spread of the personal
@@ -27,7 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from twin.dynamics.progression import Exposure, Progression
+from twin.dynamics.progression import Exposure, Progression, Radiotherapy
+
+FAMILIES = ("progression", "growth")
 
 
 @dataclass(frozen=True)
@@ -35,42 +42,58 @@ class Batch:
     """Patients as tensors. S patients, V visit slots, B biomarkers, K covariates, A drugs, E dose slots.
 
     times (S, V) years since baseline, NaN-padded; y (S, V, B) standardised, NaN = not measured;
-    x (S, K) standardised covariates; doses: per drug (dose_time (S, E), dose (S, E)) NaN-padded.
+    x (S, K) standardised covariates; doses: per drug (dose_time (S, E), dose (S, E)) NaN-padded;
+    fractions: radiotherapy (time (S, F), dose Gy (S, F)) NaN-padded, or None.
     """
 
     times: Tensor
     y: Tensor
     x: Tensor
     doses: tuple[tuple[Tensor, Tensor], ...]
+    fractions: tuple[Tensor, Tensor] | None = None
 
     def __len__(self) -> int:
         return self.times.shape[0]
 
     def take(self, index: Tensor) -> Batch:
-        return Batch(self.times[index], self.y[index], self.x[index],
-                     tuple((t[index], d[index]) for t, d in self.doses))
+        return self.map(lambda a: a[index])
+
+    def repeat(self, n: int) -> Batch:
+        """n copies of the batch stacked along patients (for n posterior draws at once)."""
+        return self.map(lambda a: a.repeat(n, *([1] * (a.dim() - 1))))
+
+    def map(self, f) -> Batch:
+        """Apply f to every per-patient tensor."""
+        fractions = None if self.fractions is None else (f(self.fractions[0]), f(self.fractions[1]))
+        return Batch(f(self.times), f(self.y), f(self.x), tuple((f(t), f(d)) for t, d in self.doses), fractions)
 
     def with_times(self, times: Tensor) -> Batch:
         """The same patients asked about other times (nothing measured there)."""
         y = torch.full((*times.shape, self.y.shape[-1]), float("nan"), dtype=self.y.dtype)
-        return Batch(times, y, self.x, self.doses)
+        return Batch(times, y, self.x, self.doses, self.fractions)
 
-    def with_doses(self, doses) -> Batch:
-        return Batch(self.times, self.y, self.x, tuple(doses))
+    def with_doses(self, doses, fractions=None) -> Batch:
+        return Batch(self.times, self.y, self.x, tuple(doses), fractions)
 
 
 class DiseaseCourse(nn.Module):
-    """Population model; personal effects are whitened: eta (S, P) with P = 2 + A + B.
+    """Population model; personal effects are whitened: eta (S, P) with P = 2 + A + R + B.
 
     eta = (tau deviation, xi deviation in units of sd_xi, zeta deviations in units of sd_zeta,
-    offsets in units of omega): the prior of eta is N(0, I), which makes MAP and Laplace simple.
+    [log alpha deviation in units of sd_alpha, with radiotherapy], offsets in units of omega):
+    the prior of eta is N(0, I), which makes MAP and Laplace simple.
     """
 
     def __init__(self, n_biomarkers: int, n_covariates: int, n_drugs: int, *, hidden: int = 16,
-                 dose_scale: tuple[float, ...] = ()):
+                 dose_scale: tuple[float, ...] = (), family: str = "progression", radiotherapy: bool = False):
         super().__init__()
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        if radiotherapy and family != "growth":
+            raise ValueError("radiotherapy acts on the growth family only (it kills cells; it does not slow neurodegeneration)")
         B, K, A = n_biomarkers, n_covariates, n_drugs
         self.B, self.K, self.A = B, K, A
+        self.family, self.R = family, int(radiotherapy)
         self.c = nn.Parameter(torch.zeros(B))
         self.a = nn.Parameter(torch.ones(B))
         self.log_v = nn.Parameter(torch.zeros(B))
@@ -85,32 +108,46 @@ class DiseaseCourse(nn.Module):
         self.log_k = nn.Parameter(torch.full((A,), math.log(math.log(2) / (30 / 365.25))))
         scale = torch.tensor(dose_scale if dose_scale else [1.0] * A, dtype=torch.float32)
         self.log_ec50 = nn.Parameter(torch.log(scale))
+        self.mu_alpha = nn.Parameter(torch.full((self.R,), math.log(0.03)))  # 1/Gy, a typical glioma's
         # spreads: set from the effects' moments during fitting, not by gradient
         self.register_buffer("sd_xi", torch.tensor(0.3))
         self.register_buffer("sd_zeta", torch.ones(A))
+        self.register_buffer("sd_alpha", torch.full((self.R,), 0.3))
         self.register_buffer("omega", torch.full((B,), 0.5))
         self.progression = Progression(hidden)
 
     @property
     def n_effects(self) -> int:
-        return 2 + self.A + self.B
+        return 2 + self.A + self.R + self.B
+
+    def _columns(self) -> dict[str, slice]:
+        A, R = self.A, self.R
+        return {"xi": slice(1, 2), "zeta": slice(2, 2 + A), "alpha": slice(2 + A, 2 + A + R), "offset": slice(2 + A + R, None)}
 
     def personal(self, eta: Tensor, x: Tensor) -> dict[str, Tensor]:
         """Natural-scale personal parameters from whitened effects eta (S, P) and covariates x (S, K)."""
-        A = self.A
+        c = self._columns()
         return {
             "tau": self.mu_tau + x @ self.beta_tau + eta[:, 0],
             "xi": self.mu_xi + x @ self.beta_xi + self.sd_xi * eta[:, 1],
-            "zeta": self.mu_zeta + self.sd_zeta * eta[:, 2:2 + A],
-            "offset": self.omega * eta[:, 2 + A:],
+            "zeta": self.mu_zeta + self.sd_zeta * eta[:, c["zeta"]],
+            "log_alpha": self.mu_alpha + self.sd_alpha * eta[:, c["alpha"]],
+            "offset": self.omega * eta[:, c["offset"]],
         }
+
+    def sensitivity(self, zeta: Tensor) -> Tensor:
+        """s from zeta: a fraction of the rate for neurodegeneration, any multiple of it for a tumour."""
+        return torch.sigmoid(zeta) if self.family == "progression" else torch.exp(zeta)
 
     def state(self, eta: Tensor, batch: Batch) -> Tensor:
         """z (S, T) at batch.times."""
         p = self.personal(eta, batch.x)
         exposure = Exposure(list(batch.doses), list(torch.exp(self.log_k)), list(torch.exp(self.log_ec50)),
-                            torch.sigmoid(p["zeta"]))
-        return self.progression(p["tau"], torch.exp(p["xi"]), exposure, batch.times)
+                            self.sensitivity(p["zeta"]))
+        radiotherapy = alpha = None
+        if self.R and batch.fractions is not None:
+            radiotherapy, alpha = Radiotherapy(*batch.fractions), torch.exp(p["log_alpha"][:, 0])
+        return self.progression(p["tau"], torch.exp(p["xi"]), exposure, batch.times, radiotherapy, alpha)
 
     def decode(self, z: Tensor, offset: Tensor) -> Tensor:
         """Standardised biomarkers (S, T, B) from z (S, T) and offsets (S, B)."""
@@ -142,9 +179,11 @@ class DiseaseCourse(nn.Module):
         shrinks towards the prior mean, and spreads set from it alone shrink step after step.
         Returns eta re-whitened under the new spreads, so the natural-scale effects stay put.
         """
-        A = self.A
+        c = self._columns()
         eta = eta.clone()
-        for sd, cols in ((self.sd_xi, slice(1, 2)), (self.sd_zeta, slice(2, 2 + A)), (self.omega, slice(2 + A, None))):
+        for sd, cols in ((self.sd_xi, c["xi"]), (self.sd_zeta, c["zeta"]), (self.sd_alpha, c["alpha"]), (self.omega, c["offset"])):
+            if sd.numel() == 0:
+                continue
             second_moment = (eta[:, cols].square() + variance[:, cols]).mean(0) * sd.reshape(-1).square()
             new = second_moment.sqrt().clamp(min=floor).reshape(sd.shape)
             eta[:, cols] = eta[:, cols] * sd / new

@@ -18,6 +18,8 @@ from twin.errors import InputError
 
 from .model import Batch
 
+RADIOTHERAPY = "radiotherapy"  # the agent whose events are fractions in Gy, not drug doses
+
 
 @dataclass(frozen=True)
 class Standardiser:
@@ -29,6 +31,7 @@ class Standardiser:
     x_scale: tuple[float, ...]
     agents: tuple[str, ...]  # drugs the model knows; radiotherapy and others are ignored
     dose_scale: tuple[float, ...]  # a typical dose per agent, EC50's starting point
+    radiotherapy: bool = False  # the cohort received radiotherapy fractions (agent "radiotherapy", Gy)
 
     @classmethod
     def from_cohort(cls, ds: xr.Dataset) -> Standardiser:
@@ -38,20 +41,21 @@ class Standardiser:
         mean, scale = np.nanmean(y, axis=(0, 1)), np.nanstd(y, axis=(0, 1))
         x = _covariates(ds)
         x_mean, x_scale = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
-        agents = sorted({str(a) for a in np.asarray(ds["event_agent"].values).ravel()} - {"", "radiotherapy"})
+        agents = sorted({str(a) for a in np.asarray(ds["event_agent"].values).ravel()} - {"", RADIOTHERAPY})
         dose = ds["event_dose"].values
         dose_scale = [float(np.nanmedian(dose[np.asarray(ds["event_agent"].values) == a])) for a in agents]
         return cls(tuple(map(str, ds["biomarker"].values)), _tuple(mean), _tuple(np.where(scale > 0, scale, 1.0)),
                    ("baseline_time", *map(str, ds["covariate"].values)) if "covariate" in ds.coords else ("baseline_time",),
                    _tuple(x_mean), _tuple(np.where(x_scale > 0, x_scale, 1.0)), tuple(agents),
-                   _tuple(np.maximum(dose_scale, 1e-6)))
+                   _tuple(np.maximum(dose_scale, 1e-6)),
+                   bool((np.asarray(ds["event_agent"].values) == RADIOTHERAPY).any()))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Standardiser:
-        return cls(**{k: tuple(v) for k, v in d.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def batch(self, ds: xr.Dataset, times: np.ndarray | None = None, *, events: str = "event") -> Batch:
         """The cohort's patients as a Batch: measured values, or the query `times` (S, T) with nothing measured.
@@ -76,11 +80,14 @@ class Standardiser:
         x = (x - np.asarray(self.x_mean)) / np.asarray(self.x_scale)
         x = np.where(np.isfinite(x), x, 0.0)  # a missing covariate sits at the cohort mean
         agent = np.asarray(ds[f"{events}_agent"].values).astype(str)
-        doses = []
-        for a in self.agents:
-            mine = agent == a
-            doses.append((_t(np.where(mine, ds[f"{events}_time"].values, np.nan)), _t(np.where(mine, ds[f"{events}_dose"].values, np.nan))))
-        return Batch(_t(t), _t(y), _t(x), tuple(doses))
+        event_time, event_dose = ds[f"{events}_time"].values, ds[f"{events}_dose"].values
+
+        def of(name):
+            mine = agent == name
+            return _t(np.where(mine, event_time, np.nan)), _t(np.where(mine, event_dose, np.nan))
+
+        fractions = of(RADIOTHERAPY) if self.radiotherapy else None
+        return Batch(_t(t), _t(y), _t(x), tuple(of(a) for a in self.agents), fractions)
 
 
 def _covariates(ds: xr.Dataset) -> np.ndarray:

@@ -1,0 +1,635 @@
+"""The biomarker twin: fit on a cohort, then forecast, fill missed visits and replay treatment scenarios.
+
+    twin = BiomarkerTwin.fit(cohort, TwinConfig(iterations=600), checkpoint_dir="model")
+    twin.forecast(cohort, horizons=[1, 2, 3])            # years after each subject's last visit
+    twin.forecast(cohort, at={"GS-001": [80.0, 81.5]})   # times on the cohort's own clock
+    twin.fill(cohort)                                     # each subject's missed planned visits
+    twin.simulate(cohort, load_scenarios("arms.yaml"), horizons=[0.5, 1, 2])
+    BiomarkerTwin.load("model")
+
+The model is `twin.model.DiseaseCourse` fitted by `twin.inference`. Every answer conditions on
+all of a subject's observed visits (the Laplace posterior of its personal effects), draws
+`n_samples` effects and measurements at the requested times, and summarises them: `mean` of
+the noise-free draws, `quantiles` of the measurement draws with conformally calibrated
+bands, and plausibility `flags` on the mean. Results are xarray Datasets
+(`twin.results`, `docs/results-format.md`).
+
+Calibration: a `calibration_fraction` of the cohort's subjects (a keyed hash of their ids and
+the seed, `holdout_subjects`) is left out of the fit. Each of them is conditioned on the first
+half of its observed visits and forecast at the rest; `ConformalCalibration` turns those
+forecasts' errors into a band factor per horizon bin and band level. Bins with fewer than
+30 calibration cases are pooled with their neighbours, so a sparse bin does not give infinite
+bands. The horizon of a request is its distance to the subject's nearest observed visit
+(for a forecast: years after the last visit). calibration_fraction = 0 fits on every subject
+and calibrates on them too: the patient part is still out of sample (the posterior sees only
+the first half), but the population parameters have seen the targets, so bands may be narrow.
+
+Plausibility limits come from the fitting subjects: each biomarker's observed range widened
+by a quarter of its width on each side; a rate limit of 3x the steepest per-subject
+least-squares slope (subjects with 3+ visits over 1+ year); and, for a model that knows no
+drugs, the direction the decoder says the disease moves the biomarker (a guard: the model's
+untreated course is monotone by construction).
+
+Randomness: the model's initialisation uses `config.seed`; the draws use `seed` (default
+`config.seed`) through a `torch.Generator`, recorded in every result. Scenario arms share
+their draws (common random numbers), so an arm's effect is not sampling noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from twin.errors import InputError
+
+from .checkpoint import flatten_optimiser, has_checkpoint, read_checkpoint, unflatten_optimiser, write_checkpoint
+from .inference import fit_population, orient_decoder, posterior, sample
+from .metrics import HORIZON_EDGES, ConformalCalibration, holdout_subjects
+from .model import FAMILIES, Batch, DiseaseCourse
+from .results import build_result
+from .tensors import RADIOTHERAPY, Standardiser
+
+MODEL_FORMAT = "twin-biomarker-model/1"
+MIN_CALIBRATION_CASES = 30  # per horizon bin; sparser bins are pooled with a neighbour
+
+
+@dataclass(frozen=True)
+class TwinConfig:
+    """How to fit and sample the biomarker twin.
+
+    family: "progression" (neurodegeneration: drugs can only slow it), "growth" (a tumour:
+    drugs and radiotherapy kill) or "auto" (growth when the cohort has radiotherapy events);
+    hidden: width of the learned bend of the disease course (0: the closed-form course);
+    iterations, lr, spread_every: the population fit (Adam steps, step size, SAEM spread
+    updates); posterior_steps: L-BFGS iterations of a patient's posterior; n_samples: draws
+    per answer; quantiles: levels reported, symmetric about and including 0.5 (each pair
+    q, 1 - q is a calibrated central band); calibration_fraction: subjects held out of the fit
+    to calibrate the bands (0: calibrate in-sample); seed: initialisation and default draws.
+    """
+
+    family: str = "auto"
+    hidden: int = 0
+    iterations: int = 600
+    lr: float = 0.03
+    spread_every: int = 25
+    posterior_steps: int = 60
+    n_samples: int = 200
+    quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
+    calibration_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.family not in ("auto", *FAMILIES):
+            raise InputError(f"expected one of {['auto', *FAMILIES]}, got {self.family!r}", source="TwinConfig", field="family")
+        for name, low in (("hidden", 0), ("iterations", 1), ("spread_every", 1), ("posterior_steps", 1),
+                          ("n_samples", 2), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise InputError(f"expected an integer >= {low}, got {value!r}", source="TwinConfig", field=name)
+            object.__setattr__(self, name, int(value))
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"expected a finite number > 0, got {self.lr!r}", source="TwinConfig", field="lr")
+        f = self.calibration_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
+            raise InputError(f"expected a number in [0, 1), got {f!r}", source="TwinConfig", field="calibration_fraction")
+        try:
+            q = tuple(float(v) for v in self.quantiles)
+        except (TypeError, ValueError):
+            raise InputError(f"expected a list of numbers, got {self.quantiles!r}", source="TwinConfig",
+                             field="quantiles") from None
+        symmetric = all(abs(a + b - 1) < 1e-9 for a, b in zip(q, reversed(q)))
+        if not (all(0 < v < 1 for v in q) and all(np.diff(q) > 0) and 0.5 in q and symmetric):
+            raise InputError(f"expected increasing levels in (0, 1), symmetric about and including 0.5, got {q}",
+                             source="TwinConfig", field="quantiles")
+        object.__setattr__(self, "quantiles", q)
+        object.__setattr__(self, "lr", float(self.lr))
+        object.__setattr__(self, "calibration_fraction", float(f))
+
+    @property
+    def band_levels(self) -> tuple[float, ...]:
+        """Nominal coverage of each central band, outermost first: (0.05, ..., 0.95) -> (0.9, 0.5)."""
+        return tuple(round(1 - 2 * q, 12) for q in self.quantiles if q < 0.5)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "quantiles": list(self.quantiles)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping, *, source: str = "TwinConfig") -> TwinConfig:
+        """From a mapping (JSON); unknown keys raise, missing ones take their defaults."""
+        if not isinstance(d, Mapping):
+            raise InputError(f"expected a mapping of settings, got {type(d).__name__}", source=source)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise InputError(f"unknown setting(s) {unknown}; expected some of {known}", source=source, field=unknown[0])
+        return cls(**{k: tuple(v) if k == "quantiles" and isinstance(v, list) else v for k, v in d.items()})
+
+
+class BiomarkerTwin:
+    """A fitted biomarker twin: the model, its standardisation, band calibration and plausibility limits.
+
+    Build one with `fit` or `load`; ask it with `forecast`, `fill` and `simulate`.
+    """
+
+    def __init__(self, model: DiseaseCourse, standardiser: Standardiser, config: TwinConfig,
+                 calibration: ConformalCalibration, limits, *, cohort_fingerprint: str = ""):
+        self.model, self.standardiser, self.config = model, standardiser, config
+        self.calibration, self.limits, self.cohort_fingerprint = calibration, limits, cohort_fingerprint
+
+    # ---- fitting and checkpoints --------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, ds: xr.Dataset, config: TwinConfig = TwinConfig(), *, checkpoint_dir: str | os.PathLike | None = None,
+            checkpoint_every: int = 50, overwrite: bool = False, on_step: Callable[[int, float], None] | None = None,
+            progress: bool = True) -> BiomarkerTwin:
+        """Fit on a cohort with biomarkers; with `checkpoint_dir`, save there every `checkpoint_every`
+        steps and at the end, and resume a partial training of the same cohort and config found there.
+
+        A complete model of the same cohort and config there is loaded, not refitted; one of
+        another cohort or config is an error unless `overwrite`. on_step(step, loss) is called
+        after each step (after that step's checkpoint): raising there interrupts the fit.
+        """
+        fingerprint = cohort_fingerprint(ds)
+        resume = None
+        if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
+            tensors, meta = read_checkpoint(checkpoint_dir)
+            same = meta.get("cohort_fingerprint") == fingerprint and meta.get("config") == config.to_dict()
+            if not same and not overwrite:
+                raise InputError("holds a model of another cohort or config; choose another directory or overwrite it",
+                                 source=str(checkpoint_dir))
+            if same and meta.get("complete"):
+                return cls._from_checkpoint(tensors, meta, str(checkpoint_dir))
+            if same:
+                resume = (tensors, meta)
+
+        ids = [str(s) for s in ds["subject"].values]
+        held = holdout_subjects(ids, config.calibration_fraction, config.seed)
+        if held.all():
+            held[:] = False
+        fit_ds = ds.isel(subject=np.flatnonzero(~held))
+        calibration_ds = ds.isel(subject=np.flatnonzero(held)) if held.any() else fit_ds
+        st = Standardiser.from_cohort(fit_ds)
+        batch = st.batch(fit_ds)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = _model(st, config)
+        if resume is None:
+            orient_decoder(model, batch)
+            eta, start, optimiser_state = None, 0, None
+        else:
+            tensors, meta = resume
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+            eta, start = tensors["train.eta"], int(meta["step"])
+            optimiser_state = unflatten_optimiser(tensors, meta["optimiser_groups"])
+
+        def hook(step: int, loss: float, eta: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
+            if checkpoint_dir is not None and (step % checkpoint_every == 0 or step == config.iterations):
+                adam, groups = flatten_optimiser(optimiser.state_dict())
+                tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, "train.eta": eta, **adam}
+                write_checkpoint(checkpoint_dir, tensors, {
+                    **_header(config, st, model, fingerprint), "complete": False, "step": step, "loss": loss,
+                    "optimiser_groups": groups})
+            if on_step is not None:
+                on_step(step, loss)
+
+        fit_population(model, batch, iterations=config.iterations, lr=config.lr, eta=eta, start=start,
+                       spread_every=config.spread_every, optimiser_state=optimiser_state, on_step=hook,
+                       progress=progress)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        calibration = _calibrate(model, st, calibration_ds, config)
+        twin = cls(model, st, config, calibration, _limits(fit_ds, model, st), cohort_fingerprint=fingerprint)
+        if checkpoint_dir is not None:
+            twin.save(checkpoint_dir)
+        return twin
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model directory: model.safetensors and config.json (atomically; no pickle)."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        return write_checkpoint(path, tensors, self._meta())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BiomarkerTwin:
+        """A twin from a model directory written by `fit` or `save`; anything else is an InputError."""
+        tensors, meta = read_checkpoint(path)
+        if not meta.get("complete"):
+            raise InputError(f"holds an unfinished training (step {meta.get('step')} of "
+                             f"{meta.get('config', {}).get('iterations')}); run the training again to resume it",
+                             source=str(path))
+        return cls._from_checkpoint(tensors, meta, str(path))
+
+    @classmethod
+    def _from_checkpoint(cls, tensors: dict, meta: dict, source: str) -> BiomarkerTwin:
+        if meta.get("format") != MODEL_FORMAT:
+            raise InputError(f"expected format {MODEL_FORMAT!r}, got {meta.get('format')!r}", source=source,
+                             field="format")
+        from twin.priors import Limits
+
+        try:
+            config = TwinConfig.from_dict(meta["config"], source=f"{source}: config")
+            st = Standardiser.from_dict(meta["standardiser"])
+            calibration = ConformalCalibration.from_dict(meta["calibration"])
+            limits = Limits(**{k: tuple(_number(v) for v in vals) if k in ("low", "high", "max_rate") else tuple(vals)
+                               for k, vals in meta["limits"].items()})
+            model = _model(st, config)
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        except KeyError as err:
+            raise InputError(f"missing entry {err}", source=source, field="config.json") from None
+        except (TypeError, RuntimeError) as err:  # load_state_dict: missing, unexpected or misshapen tensors
+            raise InputError(" ".join(str(err).split())[:300], source=source, field="model.safetensors") from None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return cls(model, st, config, calibration, limits, cohort_fingerprint=meta.get("cohort_fingerprint", ""))
+
+    def _meta(self) -> dict:
+        limits = {k: [_json_number(v) for v in vals] if k in ("low", "high", "max_rate") else list(vals)
+                  for k, vals in asdict(self.limits).items()}
+        return {**_header(self.config, self.standardiser, self.model, self.cohort_fingerprint), "complete": True,
+                "step": self.config.iterations, "calibration": self.calibration.to_dict(), "limits": limits}
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of everything the answers depend on (parameters, standardisation, calibration)."""
+        digest = hashlib.sha256(json.dumps(self._meta(), sort_keys=True).encode())
+        for name, value in sorted(self.model.state_dict().items()):
+            digest.update(name.encode() + value.detach().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # ---- answers --------------------------------------------------------------------------------
+
+    def forecast(self, ds: xr.Dataset, subjects: Sequence[str] | None = None, *, horizons: Sequence[float] | None = None,
+                 at=None, n_samples: int | None = None, samples: bool = False, seed: int | None = None) -> xr.Dataset:
+        """Biomarkers at `horizons` (years after each subject's last observed visit, the same for all)
+        or `at` (times on the cohort's clock per subject: {subject: [times]}, a DataFrame with
+        columns subject, time, or the path of such a CSV), given all observed visits. A time
+        before the last visit is a fill; one before the subject's baseline is an error.
+        """
+        if (horizons is None) == (at is None):
+            raise InputError("give exactly one of horizons (years after the last visit) and at (times on the "
+                             "cohort's clock)", source="forecast", field="horizons")
+        return self._answer("forecast", ds, subjects, horizons, at, n_samples, samples, seed)
+
+    def fill(self, ds: xr.Dataset, subjects: Sequence[str] | None = None, *, at=None, n_samples: int | None = None,
+             samples: bool = False, seed: int | None = None) -> xr.Dataset:
+        """Biomarkers at each subject's missed planned visits (observed False, finite time), or `at`."""
+        if at is None:
+            pick = self._subjects(ds, subjects)
+            one = ds.isel(subject=pick)
+            missed = ~one["observed"].values & np.isfinite(one["time"].values)
+            base = one["baseline_time"].values
+            at = {str(s): list(base[i] + one["time"].values[i][missed[i]])
+                  for i, s in enumerate(one["subject"].values) if missed[i].any()}
+            if not at:
+                raise InputError("no missed visits to fill in these subjects; give times to fill (at)",
+                                 source="cohort", field="observed")
+            subjects = list(at)
+        return self._answer("fill", ds, subjects, None, at, n_samples, samples, seed)
+
+    def simulate(self, ds: xr.Dataset, scenario, subjects: Sequence[str] | None = None, *,
+                 horizons: Sequence[float] | None = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0), at=None,
+                 n_samples: int | None = None, samples: bool = False, seed: int | None = None) -> xr.Dataset:
+        """Each subject under its own schedule (arm "factual", first) and under each arm of `scenario`
+        (a ScenarioSet or a path to a scenario file), at `horizons` or `at` as in `forecast`; with
+        `effect_*` = arm - factual over paired draws (the same draws for every arm)."""
+        from twin.scenarios import ScenarioSet, load_scenarios
+
+        if not isinstance(scenario, ScenarioSet):
+            scenario = load_scenarios(scenario)
+        for arm in scenario.arms:
+            unknown = [a for a in arm.schedule.agents() if a not in self.standardiser.agents]
+            if unknown:
+                known = ", ".join(self.standardiser.agents) or "none"
+                raise InputError(f"the model knows no effect of agent {unknown[0]!r} (it was trained on: {known})",
+                                 source=scenario.name, field=f"arms.{arm.name}")
+        return self._answer("scenario", ds, subjects, None if at is not None else horizons, at, n_samples, samples,
+                            seed, scenario=scenario)
+
+    def _answer(self, kind, ds, subjects, horizons, at, n_samples, samples, seed, scenario=None) -> xr.Dataset:
+        n = self.config.n_samples if n_samples is None else int(n_samples)
+        if n < 2:
+            raise InputError(f"need at least 2 samples, got {n}", source=kind, field="n_samples")
+        seed = self.config.seed if seed is None else int(seed)
+        one, since, clock_times = self._requests(ds, subjects, horizons, at)
+        st, config = self.standardiser, self.config
+        batch = st.batch(one)
+        eta, cov = posterior(self.model, batch, steps=config.posterior_steps)
+        observed_t = np.where(one["observed"].values, one["time"].values, np.nan)
+        last = np.nanmax(np.where(np.isfinite(observed_t), observed_t, -np.inf), axis=1)
+        horizon = since - last[:, None]
+        nearest = np.nanmin(np.abs(since[:, :, None] - observed_t[:, None, :]), axis=2, initial=np.inf)
+        query = torch.as_tensor(np.where(np.isfinite(since), since, 0.0), dtype=torch.float32)
+        pad = ~np.isfinite(since)[None, :, :, None]
+
+        arms = [("factual", (batch.doses, batch.fractions))]
+        if scenario is not None:
+            history = [list(zip(one["event_time"].values[i], one["event_agent"].values[i], one["event_dose"].values[i]))
+                       for i in range(len(last))]
+            per_subject = [scenario.events_for(float(last[i]), history[i]) for i in range(len(last))]
+            arms += [(name, _treatments([e[name] for e in per_subject], st)) for name in scenario.names]
+        scale, centre = np.asarray(st.scale), np.asarray(st.mean)
+        truths, draws = [], []
+        for _, (doses, fractions) in arms:
+            # the same generator seed for every arm: the same effects and noise, so arms differ by treatment only
+            truth, obs = sample(self.model, batch.with_times(query).with_doses(doses, fractions), eta, cov, n,
+                                torch.Generator().manual_seed(seed))
+            truths.append(np.where(pad, np.nan, truth.double().numpy() * scale + centre))
+            draws.append(np.where(pad, np.nan, obs.double().numpy() * scale + centre))
+
+        from twin.priors.plausibility import CHECKS
+
+        mean, quantiles, flags, reasons = [], [], [], []
+        for (name, _), truth, obs in zip(arms, truths, draws):
+            mean.append(truth.mean(0))
+            quantiles.append(_calibrated_quantiles(obs, nearest, self.calibration, config.quantiles))
+            f, r = _flags(mean[-1], clock_times, self.limits, [str(s) for s in one["subject"].values])
+            flags.append(f)
+            reasons += [f"arm {name}: {line}" for line in r] if scenario is not None else r
+        attrs = {"model": self.fingerprint, "seed": seed, "n_samples": n, "twin_version": _version(),
+                 "config": json.dumps(config.to_dict()), "calibration": json.dumps(self.calibration.to_dict()),
+                 "calibration_horizon": "years from the subject's nearest observed visit"}
+        common = dict(kind=kind, subjects=one["subject"].values, biomarkers=st.biomarker, units=_units(one),
+                      clock=str(ds.attrs.get("clock", "years since baseline")), time=clock_times, horizon=horizon,
+                      levels=config.quantiles, checks=CHECKS, reasons=reasons, attrs=attrs)
+        if scenario is None:
+            return build_result(mean=mean[0], quantiles=quantiles[0], flags=flags[0],
+                                samples=draws[0] if samples else None, **common)
+        effects = [t - truths[0] for t in truths]
+        attrs["scenario"] = json.dumps(scenario.to_dict())
+        return build_result(mean=np.stack(mean), quantiles=np.stack(quantiles), flags=np.stack(flags),
+                            samples=np.stack(draws) if samples else None, arms=[name for name, _ in arms],
+                            effect_mean=np.stack([e.mean(0) for e in effects]),
+                            effect_quantiles=np.stack([_quantiles(e, config.quantiles) for e in effects]), **common)
+
+    def _subjects(self, ds: xr.Dataset, subjects) -> np.ndarray:
+        ids = [str(s) for s in ds["subject"].values]
+        if subjects is None:
+            return np.arange(len(ids))
+        where = {s: i for i, s in enumerate(ids)}
+        wanted = [str(s) for s in subjects]
+        unknown = [s for s in wanted if s not in where]
+        if unknown:
+            raise InputError(f"unknown subject(s) {unknown[:5]}; the cohort has {len(ids)} subjects such as {ids[:3]}",
+                             source="cohort", field="subject")
+        return np.asarray(sorted({where[s] for s in wanted}), dtype=int)
+
+    def _requests(self, ds, subjects, horizons, at):
+        """(cohort of the asked subjects, request times since baseline (S, R), on the clock (S, R)), NaN-padded."""
+        source = str(at) if isinstance(at, (str, os.PathLike)) else "requests"
+        if at is not None:
+            at = read_requests(at) if source != "requests" else _as_requests(at)
+            pick = self._subjects(ds, list(at) if subjects is None else subjects)
+            self._subjects(ds, list(at))  # every requested subject must exist
+        else:
+            pick = self._subjects(ds, subjects)
+        one = ds.isel(subject=pick)
+        ids = [str(s) for s in one["subject"].values]
+        base = one["baseline_time"].values.astype(np.float64)
+        observed_t = np.where(one["observed"].values, one["time"].values, np.nan)
+        if at is None:
+            h = np.asarray([float(v) for v in horizons], dtype=np.float64)
+            if h.size == 0 or not np.all(np.isfinite(h)):
+                raise InputError(f"expected finite horizons in years, got {list(horizons)}", source="requests",
+                                 field="horizons")
+            empty = [s for s, t in zip(ids, observed_t) if not np.isfinite(t).any()]
+            if empty:
+                raise InputError(f"subject(s) {empty[:5]} have no observed visit to count horizons from",
+                                 source="cohort", field="observed")
+            last = np.nanmax(observed_t, axis=1)
+            requested = [base[i] + last[i] + h for i in range(len(ids))]
+        else:
+            requested = [np.asarray(at.get(s, []), dtype=np.float64) for s in ids]
+        rows = [np.unique(r) for r in requested]  # sorted: the plausibility checks read them in time order
+        width = max(1, max(len(r) for r in rows))
+        clock = np.full((len(ids), width), np.nan)
+        for i, r in enumerate(rows):
+            clock[i, :len(r)] = r
+        since = clock - base[:, None]
+        early = np.flatnonzero(np.nanmin(np.where(np.isfinite(since), since, np.inf), axis=1) < -1e-9)
+        if early.size:
+            i = early[0]
+            raise InputError(f"subject {ids[i]}: time {np.nanmin(clock[i]):g} is before the subject's baseline "
+                             f"{base[i]:g} on the clock ({ds.attrs.get('clock', 'years since baseline')})",
+                             source=source, field="time")
+        return one, np.maximum(since, 0.0), clock
+
+
+def read_requests(path: str | os.PathLike) -> dict[str, list[float]]:
+    """A requests CSV, `subject,time` rows with times on the cohort's clock, as {subject: [times]}."""
+    from twin.data.table import number, read_table
+
+    table = read_table(path)
+    for column in table.columns:
+        if column not in ("subject", "time"):
+            raise InputError("unknown column; expected exactly subject,time", source=str(path), field=column)
+    for column in ("subject", "time"):
+        if column not in table.columns:
+            raise InputError("missing column; expected exactly subject,time", source=str(path), field=column)
+    out: dict[str, list[float]] = {}
+    i_s, i_t = table.index("subject"), table.index("time")
+    for line, row in table.rows:
+        if not row[i_s]:
+            raise InputError(f"line {line}: empty subject id", source=str(path), field="subject")
+        out.setdefault(row[i_s], []).append(number(row[i_t], source=table.path, line=line, field="time", required=True))
+    if not out:
+        raise InputError("no requests: the file has a header but no rows", source=str(path), field="subject")
+    return out
+
+
+def cohort_fingerprint(ds: xr.Dataset) -> str:
+    """A hash of what a fit reads from a cohort: ids, visit times, biomarkers, covariates, events, clock."""
+    digest = hashlib.sha256(str(ds.attrs.get("clock", "")).encode())
+    for name in ("subject", "biomarker", "time", "observed", "baseline_time", "biomarkers", "covariates",
+                 "event_time", "event_agent", "event_dose"):
+        if name in ds.variables:
+            values = np.asarray(ds[name].values)
+            digest.update(name.encode())
+            digest.update(("\x1f".join(map(str, values.ravel())).encode() if values.dtype == object
+                           else np.ascontiguousarray(values).tobytes()))
+    return digest.hexdigest()[:16]
+
+
+# ---- pieces ---------------------------------------------------------------------------------------
+
+def _model(st: Standardiser, config: TwinConfig) -> DiseaseCourse:
+    """The disease-course model for a cohort standardised by `st`: its family, drugs and radiotherapy."""
+    family = config.family if config.family != "auto" else ("growth" if st.radiotherapy else "progression")
+    if st.radiotherapy and family != "growth":
+        raise InputError("the cohort received radiotherapy, which only the growth family models",
+                         source="TwinConfig", field="family")
+    return DiseaseCourse(len(st.biomarker), len(st.covariate), len(st.agents), hidden=config.hidden,
+                         dose_scale=st.dose_scale, family=family, radiotherapy=st.radiotherapy)
+
+
+def _header(config: TwinConfig, st: Standardiser, model: DiseaseCourse, fingerprint: str) -> dict:
+    return {"format": MODEL_FORMAT, "twin_version": _version(), "config": config.to_dict(),
+            "standardiser": st.to_dict(), "cohort_fingerprint": fingerprint, "seed": config.seed,
+            "dims": {"biomarkers": model.B, "covariates": model.K, "drugs": model.A, "hidden": config.hidden,
+                     "family": model.family, "radiotherapy": bool(model.R)}}
+
+
+def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: TwinConfig) -> ConformalCalibration:
+    """Band factors from forecasting each subject's second half of observed visits from its first half."""
+    times = np.where(ds["observed"].values, ds["time"].values, np.nan)
+    rank = np.argsort(np.argsort(np.where(np.isfinite(times), times, np.inf), axis=1), axis=1)
+    n_obs = np.isfinite(times).sum(1, keepdims=True)
+    history = np.isfinite(times) & (rank < np.ceil(n_obs / 2))
+    target = np.isfinite(times) & ~history
+    if not target.any():
+        raise InputError("calibrating the bands needs subjects with at least two observed visits among the "
+                         "calibration subjects", source="cohort", field="calibration_fraction")
+    batch = st.batch(ds)
+    seen = torch.as_tensor(history)
+    hist = Batch(torch.where(seen, batch.times, torch.full_like(batch.times, float("nan"))),
+                 torch.where(seen[..., None], batch.y, torch.full_like(batch.y, float("nan"))), batch.x, batch.doses,
+                 batch.fractions)
+    eta, cov = posterior(model, hist, steps=config.posterior_steps)
+    query = torch.as_tensor(np.where(target, times, 0.0), dtype=torch.float32)
+    _, obs = sample(model, hist.with_times(query), eta, cov, config.n_samples,
+                    torch.Generator().manual_seed(config.seed))
+    scale, centre = np.asarray(st.scale), np.asarray(st.mean)
+    q = np.quantile(obs.double().numpy() * scale + centre, config.quantiles, axis=0)  # (Q, S, V, B)
+    truth = np.where(target[..., None], np.where(ds["observed"].values[..., None], ds["biomarkers"].values, np.nan),
+                     np.nan)
+    last = np.nanmax(np.where(history, times, -np.inf), axis=1)
+    horizon = np.where(target, times - last[:, None], np.nan)
+    L = len(config.band_levels)
+    edges = _pooled_edges(np.broadcast_to(horizon[..., None], truth.shape)[np.isfinite(truth)])
+    return ConformalCalibration.fit(q[L], q[:L], q[::-1][:L], truth, horizon, config.band_levels, edges)
+
+
+def _pooled_edges(horizon: np.ndarray, edges=HORIZON_EDGES, min_count: int = MIN_CALIBRATION_CASES) -> tuple:
+    """HORIZON_EDGES with each bin of fewer than `min_count` cases merged into the bin before it."""
+    edges = list(edges)
+
+    def count(i):
+        return int(((horizon >= edges[i]) & (horizon < edges[i + 1])).sum())
+
+    for i in range(len(edges) - 2, 0, -1):
+        if count(i) < min_count:
+            del edges[i]
+    if len(edges) > 2 and count(0) < min_count:
+        del edges[1]
+    return tuple(edges)
+
+
+def _calibrated_quantiles(obs: np.ndarray, horizon: np.ndarray, calibration: ConformalCalibration,
+                          levels: tuple[float, ...]) -> np.ndarray:
+    """(Q, S, R, B) quantiles of draws obs (K, S, R, B), each central band scaled by its calibration
+    factor about the median, then nested (an outer band never inside an inner one)."""
+    q = _quantiles(obs, levels)
+    L = len(levels) // 2
+    median = q[L]
+    lo, hi = calibration.apply(median, q[:L], q[::-1][:L], np.where(np.isfinite(horizon), horizon, 0.0))
+    for i in range(L - 1, -1, -1):
+        inner_lo, inner_hi = (lo[i + 1], hi[i + 1]) if i + 1 < L else (median, median)
+        lo[i], hi[i] = np.fmin(lo[i], inner_lo), np.fmax(hi[i], inner_hi)
+    out = np.concatenate([lo, median[None], hi[::-1]])
+    return np.where(np.isfinite(median)[None], out, np.nan)
+
+
+def _quantiles(x: np.ndarray, levels) -> np.ndarray:
+    """Quantiles over the first axis, NaN where every draw is NaN (padding), without warnings."""
+    finite = np.isfinite(x).all(0)
+    return np.where(finite[None], np.quantile(np.where(finite[None], x, 0.0), levels, axis=0), np.nan)
+
+
+def _flags(mean: np.ndarray, clock: np.ndarray, limits, subjects: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(check, S, R, B) flags of the mean trajectory and one sentence per flag."""
+    from twin.priors.plausibility import CHECKS, check_trajectory, reasons
+
+    y, t = torch.as_tensor(mean), torch.as_tensor(clock)
+    flags = check_trajectory(y, t, limits, atol=1e-9)
+    return np.stack([flags[c].numpy() for c in CHECKS]), reasons(flags, y, t, limits, subjects=subjects)
+
+
+def _limits(ds: xr.Dataset, model: DiseaseCourse, st: Standardiser):
+    """Plausibility limits from the fitting subjects (see the module docstring)."""
+    from twin.priors import Limits
+
+    y = np.where(ds["observed"].values[..., None], ds["biomarkers"].values, np.nan)
+    t = np.where(ds["observed"].values, ds["time"].values, np.nan)
+    low, high = np.nanmin(y, axis=(0, 1)), np.nanmax(y, axis=(0, 1))
+    width = np.where(high > low, high - low, np.abs(high) + 1.0)
+    steepest = np.zeros(y.shape[-1])
+    for i in range(y.shape[0]):
+        for b in range(y.shape[-1]):
+            ok = np.isfinite(t[i]) & np.isfinite(y[i, :, b])
+            if ok.sum() >= 3 and np.ptp(t[i][ok]) >= 1.0:
+                steepest[b] = max(steepest[b], abs(np.polyfit(t[i][ok], y[i, ok, b], 1)[0]))
+    max_rate = np.where(steepest > 0, 3 * steepest, np.inf)
+    direction = np.sign(model.a.detach().numpy()).astype(int) if model.A == 0 else np.zeros(model.B, dtype=int)
+    return Limits(names=st.biomarker, low=tuple(low - width / 4), high=tuple(high + width / 4),
+                  direction=tuple(int(d) for d in direction), max_rate=tuple(max_rate), units=tuple(_units(ds)))
+
+
+def _treatments(events: list[list[tuple[float, str, float]]], st: Standardiser):
+    """(per drug (dose_time (S, E), dose (S, E)), radiotherapy (time, dose) or None), NaN-padded,
+    from each subject's event list; an agent the model never saw is an error."""
+    known = set(st.agents) | ({RADIOTHERAPY} if st.radiotherapy else set())
+    unknown = sorted({a for subject in events for _, a, _ in subject} - known)
+    if unknown:
+        raise InputError(f"the model knows agents {sorted(known)}, the scenario gives {unknown}", source="scenario",
+                         field="agent")
+
+    def of(agent):
+        mine = [[(t, d) for t, a, d in subject if a == agent] for subject in events]
+        width = max(1, max(len(m) for m in mine))
+        time, dose = np.full((len(events), width), np.nan), np.full((len(events), width), np.nan)
+        for i, m in enumerate(mine):
+            for k, (t, d) in enumerate(sorted(m)):
+                time[i, k], dose[i, k] = t, d
+        return torch.as_tensor(time, dtype=torch.float32), torch.as_tensor(dose, dtype=torch.float32)
+
+    return tuple(of(a) for a in st.agents), (of(RADIOTHERAPY) if st.radiotherapy else None)
+
+
+def _as_requests(at) -> dict[str, list[float]]:
+    """{subject: [clock times]} from a mapping or a DataFrame with columns subject, time."""
+    if hasattr(at, "columns"):
+        missing = [c for c in ("subject", "time") if c not in at.columns]
+        if missing:
+            raise InputError(f"expected columns subject,time, got {list(at.columns)}", source="requests",
+                             field=missing[0])
+        out: dict[str, list[float]] = {}
+        for s, t in zip(at["subject"], at["time"]):
+            out.setdefault(str(s), []).append(t)
+        at = out
+    if not isinstance(at, Mapping):
+        raise InputError(f"expected {{subject: [times]}} or a DataFrame, got {type(at).__name__}", source="requests")
+    clean = {}
+    for s, times in at.items():
+        try:
+            values = [float(v) for v in (times if isinstance(times, (list, tuple, np.ndarray)) else [times])]
+        except (TypeError, ValueError):
+            raise InputError(f"subject {s}: expected numbers, got {times!r}", source="requests", field="time") from None
+        if not all(math.isfinite(v) for v in values):
+            raise InputError(f"subject {s}: expected finite times, got {values}", source="requests", field="time")
+        clean[str(s)] = values
+    return clean
+
+
+def _units(ds: xr.Dataset) -> list[str]:
+    return [str(u) for u in ds["biomarker_unit"].values] if "biomarker_unit" in ds.coords else [""] * ds.sizes["biomarker"]
+
+
+def _json_number(v: float):
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+
+
+def _number(v) -> float:
+    return float(v)  # float("inf") and float("-inf") read the strings back
+
+
+def _version() -> str:
+    from twin import __version__
+
+    return __version__
