@@ -85,7 +85,8 @@ class DiseaseCourse(nn.Module):
     """
 
     def __init__(self, n_biomarkers: int, n_covariates: int, n_drugs: int, *, hidden: int = 16,
-                 dose_scale: tuple[float, ...] = (), family: str = "progression", radiotherapy: bool = False):
+                 dose_scale: tuple[float, ...] = (), family: str = "progression", radiotherapy: bool = False,
+                 gains: bool = False):
         super().__init__()
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -93,7 +94,7 @@ class DiseaseCourse(nn.Module):
             raise ValueError("radiotherapy acts on the growth family only (it kills cells; it does not slow neurodegeneration)")
         B, K, A = n_biomarkers, n_covariates, n_drugs
         self.B, self.K, self.A = B, K, A
-        self.family, self.R = family, int(radiotherapy)
+        self.family, self.R, self.gains = family, int(radiotherapy), bool(gains)
         self.c = nn.Parameter(torch.zeros(B))
         self.a = nn.Parameter(torch.ones(B))
         self.log_v = nn.Parameter(torch.zeros(B))
@@ -114,15 +115,19 @@ class DiseaseCourse(nn.Module):
         self.register_buffer("sd_zeta", torch.ones(A))
         self.register_buffer("sd_alpha", torch.full((self.R,), 0.3))
         self.register_buffer("omega", torch.full((B,), 0.5))
+        self.register_buffer("sd_gain", torch.full((B if gains else 0,), 0.2))
         self.progression = Progression(hidden)
 
     @property
     def n_effects(self) -> int:
-        return 2 + self.A + self.R + self.B
+        return 2 + self.A + self.R + self.B * (2 if self.gains else 1)
 
     def _columns(self) -> dict[str, slice]:
         A, R = self.A, self.R
-        return {"xi": slice(1, 2), "zeta": slice(2, 2 + A), "alpha": slice(2 + A, 2 + A + R), "offset": slice(2 + A + R, None)}
+        B, G = self.B, self.B if self.gains else 0
+        o = 2 + A + R
+        return {"xi": slice(1, 2), "zeta": slice(2, 2 + A), "alpha": slice(2 + A, o), "offset": slice(o, o + B),
+                "gain": slice(o + B, o + B + G)}
 
     def personal(self, eta: Tensor, x: Tensor) -> dict[str, Tensor]:
         """Natural-scale personal parameters from whitened effects eta (S, P) and covariates x (S, K)."""
@@ -133,6 +138,7 @@ class DiseaseCourse(nn.Module):
             "zeta": self.mu_zeta + self.sd_zeta * eta[:, c["zeta"]],
             "log_alpha": self.mu_alpha + self.sd_alpha * eta[:, c["alpha"]],
             "offset": self.omega * eta[:, c["offset"]],
+            "gain": self.sd_gain * eta[:, c["gain"]],
         }
 
     def sensitivity(self, zeta: Tensor) -> Tensor:
@@ -149,21 +155,23 @@ class DiseaseCourse(nn.Module):
             radiotherapy, alpha = Radiotherapy(*batch.fractions), torch.exp(p["log_alpha"][:, 0])
         return self.progression(p["tau"], torch.exp(p["xi"]), exposure, batch.times, radiotherapy, alpha)
 
-    def decode(self, z: Tensor, offset: Tensor) -> Tensor:
-        """Standardised biomarkers (S, T, B) from z (S, T) and offsets (S, B)."""
+    def decode(self, z: Tensor, offset: Tensor, gain: Tensor | None = None) -> Tensor:
+        """Standardised biomarkers (S, T, B) from z (S, T), offsets (S, B) and log-gains (S, B) or None."""
         v = torch.exp(self.log_v)
-        return self.c + offset[:, None, :] + self.a * torch.sigmoid(v * (z[..., None] - self.g))
+        a = self.a if gain is None or gain.shape[-1] == 0 else self.a * torch.exp(gain)[:, None, :]
+        return self.c + offset[:, None, :] + a * torch.sigmoid(v * (z[..., None] - self.g))
 
     def predict(self, eta: Tensor, batch: Batch) -> Tensor:
         """Noise-free standardised biomarkers (S, T, B) at batch.times."""
-        return self.decode(self.state(eta, batch), self.personal(eta, batch.x)["offset"])
+        p = self.personal(eta, batch.x)
+        return self.decode(self.state(eta, batch), p["offset"], p["gain"])
 
     def log_joint(self, eta: Tensor, batch: Batch) -> Tensor:
         """log p(y, eta) per patient (S,): Gaussian likelihood of what was measured plus the prior."""
         # NaN must not enter the arithmetic at all, even masked: its gradient would be NaN * 0
         seen = torch.isfinite(batch.y) & torch.isfinite(batch.times)[..., None]
         times = torch.where(torch.isfinite(batch.times), batch.times, torch.zeros_like(batch.times))
-        mean = self.predict(eta, Batch(times, batch.y, batch.x, batch.doses))
+        mean = self.predict(eta, Batch(times, batch.y, batch.x, batch.doses, batch.fractions))
         y = torch.where(seen, batch.y, torch.zeros_like(batch.y))
         sigma = torch.exp(self.log_sigma)
         resid = torch.where(seen, (y - mean) / sigma, torch.zeros_like(mean))
@@ -181,7 +189,8 @@ class DiseaseCourse(nn.Module):
         """
         c = self._columns()
         eta = eta.clone()
-        for sd, cols in ((self.sd_xi, c["xi"]), (self.sd_zeta, c["zeta"]), (self.sd_alpha, c["alpha"]), (self.omega, c["offset"])):
+        for sd, cols in ((self.sd_xi, c["xi"]), (self.sd_zeta, c["zeta"]), (self.sd_alpha, c["alpha"]), (self.omega, c["offset"]),
+                         (self.sd_gain, c["gain"])):
             if sd.numel() == 0:
                 continue
             second_moment = (eta[:, cols].square() + variance[:, cols]).mean(0) * sd.reshape(-1).square()
