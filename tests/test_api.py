@@ -186,3 +186,40 @@ def test_result_round_trip_and_table(twin, ds, tmp_path):
     rows = list(csv.reader(open(export_result_table(s, tmp_path / "s.csv"))))
     assert rows[0][:4] == ["subject", "arm", "time", "biomarker"] and rows[0][-1] == "effect_q95"
     assert [row[1] for row in rows[1:]] == ["factual", "factual", "stop", "stop", "double", "double"]
+
+
+def own_events(ds: xr.Dataset, subjects) -> dict[str, list]:
+    """Each subject's received schedule as an explicit event list (cohort padding included)."""
+    one = ds.sel(subject=list(subjects))
+    return {str(s): list(zip(one["event_time"].values[i], one["event_agent"].values[i], one["event_dose"].values[i]))
+            for i, s in enumerate(one["subject"].values)}
+
+
+def test_explicit_schedules_replay_own_events_and_match_scenario_arms(twin, ds):
+    subjects = ["s01", "s02", "s03"]
+    at = {s: [float(ds["baseline_time"].sel(subject=s)) + h for h in (0.5, 1.5, 3.0)] for s in subjects}
+    f = twin.forecast(ds, subjects, at=at)
+    r = twin.simulate(ds, {"own": own_events(ds, subjects), "none": {s: [] for s in subjects}}, subjects, at=at)
+    assert list(r["arm"].values) == ["factual", "own", "none"]
+    # the factual arm given explicitly is the plain forecast, draw for draw
+    np.testing.assert_allclose(r["mean"].sel(arm="own").values, f["mean"].values, rtol=1e-6)
+    np.testing.assert_allclose(r["effect_mean"].sel(arm="own").values, 0, atol=1e-5)
+    # no events from baseline is a scenario-file arm anchored at baseline without history
+    stop = ScenarioSet("t", (Arm("stop", (), anchor="baseline", keep_history=False),))
+    s = twin.simulate(ds, stop, subjects, at=at)
+    np.testing.assert_array_equal(r["mean"].sel(arm="none").values, s["mean"].sel(arm="stop").values)
+    # s01 is treated (stopping it changes its course), s02 is not
+    assert np.abs(r["effect_mean"].sel(arm="none", subject="s01").values).max() > 1e-3
+    np.testing.assert_allclose(r["effect_mean"].sel(arm="none", subject="s02").values, 0, atol=1e-5)
+    assert json.loads(r.attrs["scenario"])["events"]["none"] == {"s01": [], "s02": [], "s03": []}
+
+
+def test_explicit_schedules_are_checked(twin, ds):
+    with pytest.raises(InputError, match=r"scenario: late: no schedule for subject\(s\) \['s02'\]"):
+        twin.simulate(ds, {"late": {"s01": []}}, ["s01", "s02"], horizons=[1])
+    with pytest.raises(InputError, match=r"scenario: agent: the model knows agents \['dmt'\], the scenario gives \['x'\]"):
+        twin.simulate(ds, {"other": {"s01": [(1.0, "x", 1.0)]}}, ["s01"], horizons=[1])
+    with pytest.raises(InputError, match=r"scenario: bad: subject s01: expected a time >= 0 years since baseline"):
+        twin.simulate(ds, {"bad": {"s01": [(-1.0, "dmt", 10.0)]}}, ["s01"], horizons=[1])
+    with pytest.raises(InputError, match="scenario: factual: arm names are letters"):
+        twin.simulate(ds, {"factual": {"s01": []}}, ["s01"], horizons=[1])

@@ -5,6 +5,7 @@
     twin.forecast(cohort, at={"GS-001": [80.0, 81.5]})   # times on the cohort's own clock
     twin.fill(cohort)                                     # each subject's missed planned visits
     twin.simulate(cohort, load_scenarios("arms.yaml"), horizons=[0.5, 1, 2])
+    twin.simulate(cohort, {"delayed": {"GS-001": [(1.0, "dmt", 10.0)]}}, at=...)  # explicit events
     BiomarkerTwin.load("model")
 
 The model is `twin.model.DiseaseCourse` fitted by `twin.inference`. Every answer conditions on
@@ -297,14 +298,22 @@ class BiomarkerTwin:
     def simulate(self, ds: xr.Dataset, scenario, subjects: Sequence[str] | None = None, *,
                  horizons: Sequence[float] | None = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0), at=None,
                  n_samples: int | None = None, samples: bool = False, seed: int | None = None) -> xr.Dataset:
-        """Each subject under its own schedule (arm "factual", first) and under each arm of `scenario`
-        (a ScenarioSet or a path to a scenario file), at `horizons` or `at` as in `forecast`; with
-        `effect_*` = arm - factual over paired draws (the same draws for every arm)."""
+        """Each subject under its own schedule (arm "factual", first) and under each arm of `scenario`,
+        at `horizons` or `at` as in `forecast`; with `effect_*` = arm - factual over paired draws
+        (the same draws for every arm).
+
+        scenario: a ScenarioSet, a path to a scenario file, or explicit per-subject schedules
+        {arm: {subject: [(time since baseline, agent, dose), ...]}}, each the subject's whole
+        treatment under that arm (a simulated cohort's `alternative_event_*`, a trial's arms);
+        every asked subject needs an entry in every arm ([] for none).
+        """
         from twin.scenarios import ScenarioSet, load_scenarios
 
-        if not isinstance(scenario, ScenarioSet):
+        if isinstance(scenario, Mapping):
+            scenario = _explicit_arms(scenario)
+        elif not isinstance(scenario, ScenarioSet):
             scenario = load_scenarios(scenario)
-        for arm in scenario.arms:
+        for arm in scenario.arms if isinstance(scenario, ScenarioSet) else ():
             unknown = [a for a in arm.schedule.agents() if a not in self.standardiser.agents]
             if unknown:
                 known = ", ".join(self.standardiser.agents) or "none"
@@ -330,19 +339,26 @@ class BiomarkerTwin:
         pad = ~np.isfinite(since)[None, :, :, None]
 
         arms = [("factual", (batch.doses, batch.fractions))]
-        if scenario is not None:
+        ids = [str(s) for s in one["subject"].values]
+        if isinstance(scenario, Mapping):  # explicit schedules, checked by _explicit_arms
+            for name, schedules in scenario.items():
+                missing = [s for s in ids if s not in schedules]
+                if missing:
+                    raise InputError(f"no schedule for subject(s) {missing[:5]}; give every asked subject one "
+                                     f"([] for no treatment)", source="scenario", field=name)
+            arms += [(name, _treatments([schedules[s] for s in ids], st)) for name, schedules in scenario.items()]
+        elif scenario is not None:
             history = [list(zip(one["event_time"].values[i], one["event_agent"].values[i], one["event_dose"].values[i]))
                        for i in range(len(last))]
             per_subject = [scenario.events_for(float(last[i]), history[i]) for i in range(len(last))]
             arms += [(name, _treatments([e[name] for e in per_subject], st)) for name in scenario.names]
-        scale, centre = np.asarray(st.scale), np.asarray(st.mean)
         truths, draws = [], []
         for _, (doses, fractions) in arms:
             # the same generator seed for every arm: the same effects and noise, so arms differ by treatment only
             truth, obs = sample(self.model, batch.with_times(query).with_doses(doses, fractions), eta, cov, n,
                                 torch.Generator().manual_seed(seed))
-            truths.append(np.where(pad, np.nan, truth.double().numpy() * scale + centre))
-            draws.append(np.where(pad, np.nan, obs.double().numpy() * scale + centre))
+            truths.append(np.where(pad, np.nan, st.values(truth.double().numpy())))
+            draws.append(np.where(pad, np.nan, st.values(obs.double().numpy())))
 
         from twin.priors.plausibility import CHECKS
 
@@ -363,7 +379,9 @@ class BiomarkerTwin:
             return build_result(mean=mean[0], quantiles=quantiles[0], flags=flags[0],
                                 samples=draws[0] if samples else None, **common)
         effects = [t - truths[0] for t in truths]
-        attrs["scenario"] = json.dumps(scenario.to_dict())
+        attrs["scenario"] = json.dumps(scenario.to_dict() if not isinstance(scenario, Mapping) else
+                                       {"events": {name: {s: [list(e) for e in schedules[s]] for s in ids}
+                                                   for name, schedules in scenario.items()}})
         return build_result(mean=np.stack(mean), quantiles=np.stack(quantiles), flags=np.stack(flags),
                             samples=np.stack(draws) if samples else None, arms=[name for name, _ in arms],
                             effect_mean=np.stack([e.mean(0) for e in effects]),
@@ -495,8 +513,7 @@ def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: T
     query = torch.as_tensor(np.where(target, times, 0.0), dtype=torch.float32)
     _, obs = sample(model, hist.with_times(query), eta, cov, config.n_samples,
                     torch.Generator().manual_seed(config.seed))
-    scale, centre = np.asarray(st.scale), np.asarray(st.mean)
-    q = np.quantile(obs.double().numpy() * scale + centre, config.quantiles, axis=0)  # (Q, S, V, B)
+    q = np.quantile(st.values(obs.double().numpy()), config.quantiles, axis=0)  # (Q, S, V, B)
     truth = np.where(target[..., None], np.where(ds["observed"].values[..., None], ds["biomarkers"].values, np.nan),
                      np.nan)
     last = np.nanmax(np.where(history, times, -np.inf), axis=1)
@@ -590,6 +607,43 @@ def _treatments(events: list[list[tuple[float, str, float]]], st: Standardiser):
         return torch.as_tensor(time, dtype=torch.float32), torch.as_tensor(dose, dtype=torch.float32)
 
     return tuple(of(a) for a in st.agents), (of(RADIOTHERAPY) if st.radiotherapy else None)
+
+
+def _explicit_arms(scenario: Mapping) -> dict[str, dict[str, list[tuple[float, str, float]]]]:
+    """{arm: {subject: [(time since baseline, agent, dose), ...]}} checked and cleaned: names,
+    finite times >= 0, finite doses >= 0; an empty agent (cohort padding) is dropped. Agents
+    the model does not know are refused later, by `_treatments`."""
+    from twin.scenarios.files import _ARM_NAME, FACTUAL
+
+    if not scenario:
+        raise InputError("expected at least one arm {arm: {subject: [(time, agent, dose), ...]}}, got none",
+                         source="scenario")
+    out = {}
+    for name, schedules in scenario.items():
+        if not isinstance(name, str) or not _ARM_NAME.match(name) or name == FACTUAL:
+            raise InputError(f"arm names are letters, digits, '_' and '-', not {FACTUAL!r}; got {name!r}",
+                             source="scenario", field=str(name))
+        if not isinstance(schedules, Mapping):
+            raise InputError(f"expected {{subject: [(time, agent, dose), ...]}}, got {type(schedules).__name__}",
+                             source="scenario", field=name)
+        out[name] = {}
+        for subject, events in schedules.items():
+            clean = []
+            for event in events:
+                try:
+                    t, agent, dose = event
+                    t, agent, dose = float(t), str(agent), float(dose)
+                except (TypeError, ValueError):
+                    raise InputError(f"subject {subject}: expected (time, agent, dose), got {event!r}",
+                                     source="scenario", field=name) from None
+                if not agent:
+                    continue
+                if not (math.isfinite(t) and t >= 0 and math.isfinite(dose) and dose >= 0):
+                    raise InputError(f"subject {subject}: expected a time >= 0 years since baseline and a dose >= 0, "
+                                     f"got {event!r}", source="scenario", field=name)
+                clean.append((t, agent, dose))
+            out[name][str(subject)] = sorted(clean)
+    return out
 
 
 def _as_requests(at) -> dict[str, list[float]]:

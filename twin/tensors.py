@@ -1,7 +1,8 @@
 """From a cohort Dataset to the model's tensors, and the standardisation that goes with them.
 
 The model works on standardised biomarkers ((value - mean) / scale, per biomarker) and
-standardised covariates; the baseline on the cohort's clock (age, for most cohorts) is the
+standardised covariates; volumes (unit mL, every measured value > 0) are standardised on the
+log scale, where a head's size is an offset rather than a factor on every change; the baseline on the cohort's clock (age, for most cohorts) is the
 first covariate. `Standardiser` holds those constants; it is part of a checkpoint, so a model
 applied to new patients scales them exactly as its training cohort was scaled.
 """
@@ -32,12 +33,16 @@ class Standardiser:
     agents: tuple[str, ...]  # drugs the model knows; radiotherapy and others are ignored
     dose_scale: tuple[float, ...]  # a typical dose per agent, EC50's starting point
     radiotherapy: bool = False  # the cohort received radiotherapy fractions (agent "radiotherapy", Gy)
+    log: tuple[bool, ...] = ()  # per biomarker: standardised on the log scale (empty: none)
 
     @classmethod
     def from_cohort(cls, ds: xr.Dataset) -> Standardiser:
         if "biomarkers" not in ds:
             raise InputError("the biomarker twin needs a cohort with biomarkers", source="cohort", field="biomarkers")
         y = np.where(ds["observed"].values[..., None], ds["biomarkers"].values, np.nan)
+        units = [str(u) for u in ds["biomarker_unit"].values] if "biomarker_unit" in ds.coords else [""] * y.shape[-1]
+        log = tuple(bool(u == "mL" and np.nanmin(y[..., b]) > 0) for b, u in enumerate(units))
+        y = np.where(log, np.log(np.where(log, y, 1.0)), y)
         mean, scale = np.nanmean(y, axis=(0, 1)), np.nanstd(y, axis=(0, 1))
         x = _covariates(ds)
         x_mean, x_scale = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
@@ -48,7 +53,20 @@ class Standardiser:
                    ("baseline_time", *map(str, ds["covariate"].values)) if "covariate" in ds.coords else ("baseline_time",),
                    _tuple(x_mean), _tuple(np.where(x_scale > 0, x_scale, 1.0)), tuple(agents),
                    _tuple(np.maximum(dose_scale, 1e-6)),
-                   bool((np.asarray(ds["event_agent"].values) == RADIOTHERAPY).any()))
+                   bool((np.asarray(ds["event_agent"].values) == RADIOTHERAPY).any()), log)
+
+    def standardise(self, values: np.ndarray) -> np.ndarray:
+        """Biomarker values (..., B) in their units -> the model's scale."""
+        values = np.asarray(values, dtype=np.float64)
+        if any(self.log):
+            with np.errstate(invalid="ignore", divide="ignore"):  # a non-positive volume becomes NaN/-inf, not a crash
+                values = np.where(self.log, np.log(np.where(self.log, values, 1.0)), values)
+        return (values - np.asarray(self.mean)) / np.asarray(self.scale)
+
+    def values(self, standardised: np.ndarray) -> np.ndarray:
+        """The model's scale (..., B) -> biomarker values in their units (inverse of `standardise`)."""
+        out = np.asarray(standardised, dtype=np.float64) * np.asarray(self.scale) + np.asarray(self.mean)
+        return np.where(self.log, np.exp(np.where(self.log, out, 0.0)), out) if any(self.log) else out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,8 +86,7 @@ class Standardiser:
             raise InputError(f"the model knows biomarkers {list(self.biomarker)}, the cohort has {list(biomarker)}",
                              source="cohort", field="biomarker")
         observed = ds["observed"].values
-        y = np.where(observed[..., None], ds["biomarkers"].values, np.nan)
-        y = (y - np.asarray(self.mean)) / np.asarray(self.scale)
+        y = self.standardise(np.where(observed[..., None], ds["biomarkers"].values, np.nan))
         t = np.where(observed, ds["time"].values, np.nan)
         if times is not None:
             t, y = np.asarray(times, dtype=np.float64), np.full((*np.shape(times), len(biomarker)), np.nan)
