@@ -28,9 +28,13 @@ Model (units: mm, years; u is tumour cell density as a fraction of carrying capa
 
 Schedules (years since baseline, the post-operative scan): factual = Stupp standard of care
 (radiotherapy 30 x 2 Gy Mon-Fri with daily concomitant temozolomide, then 6 adjuvant 5-day
-cycles every 28 days) starting 3-5 weeks after baseline; untreated = no treatment;
-alternative = `GliomaConfig.alternative`: "radiotherapy_alone" (same start, no temozolomide)
-or "delayed" (the factual schedule shifted `alternative_delay` years later). Before baseline
+cycles every 28 days) starting 3-5 weeks after baseline, except for a fraction
+`p_radiotherapy_alone` of subjects who receive the radiotherapy alone, as frail patients
+often do (without that variety a cohort could not tell the drug's effect from the
+radiotherapy's); untreated = no treatment; alternative = for subjects treated by radiotherapy
+alone, the full Stupp schedule; for the others `GliomaConfig.alternative`:
+"radiotherapy_alone" (same start, no temozolomide) or "delayed" (the factual schedule shifted
+`alternative_delay` years later). Before baseline
 the tumour grows untreated from a small white-matter seed for `onset` years.
 """
 
@@ -102,6 +106,7 @@ class GliomaConfig:
     tmz_ec50: float = 5.0  # mg/L
     rt_start: tuple[float, float] = (3.0 * 7 * tx.DAY, 5.0 * 7 * tx.DAY)  # after baseline, uniform
     alternative: str = "radiotherapy_alone"  # one of ALTERNATIVES
+    p_radiotherapy_alone: float = 0.3  # received radiotherapy without temozolomide (frail, elderly, unmethylated)
     alternative_delay: float = 0.25  # years, for "delayed"
     mass_effect: tuple[float, float] = (20.0, 60.0)  # gamma in mm^2, uniform
     mass_sigma: float = 6.0  # mm, smoothing of u for the mass effect
@@ -117,8 +122,10 @@ class GliomaConfig:
         if self.alternative not in ALTERNATIVES:
             raise InputError(f"expected one of {list(ALTERNATIVES)}, got {self.alternative!r}",
                              source="GliomaConfig", field="alternative")
-        if self.n_visits < 1 or self.visit_every <= 0 or not 0 <= self.p_missed < 1 or self.max_dt <= 0:
-            raise InputError("need n_visits >= 1, visit_every > 0, 0 <= p_missed < 1, max_dt > 0",
+        if self.n_visits < 1 or self.visit_every <= 0 or not 0 <= self.p_missed < 1 or self.max_dt <= 0 \
+                or not 0 <= self.p_radiotherapy_alone <= 1:
+            raise InputError("need n_visits >= 1, visit_every > 0, 0 <= p_missed < 1, max_dt > 0, "
+                             "0 <= p_radiotherapy_alone <= 1",
                              source="GliomaConfig")
 
     @classmethod
@@ -325,8 +332,13 @@ def _draw_seed(wm: np.ndarray, mask: np.ndarray, spacing: np.ndarray, rng: np.ra
     raise InputError("the anatomy's brain mask is empty", source="glioma_subject", field="mask")
 
 
-def schedules(rt_start: float, cfg: GliomaConfig) -> tuple[list[tx.Event], list[tx.Event]]:
-    """(factual, alternative) event lists for a subject whose radiotherapy would start at rt_start."""
+def schedules(rt_start: float, cfg: GliomaConfig, chemo: bool = True) -> tuple[list[tx.Event], list[tx.Event]]:
+    """(factual, alternative) event lists for a subject whose radiotherapy would start at rt_start.
+
+    chemo=False: the subject received radiotherapy alone; its alternative is the full Stupp schedule.
+    """
+    if not chemo:
+        return tx.stupp(rt_start, chemo=False), tx.stupp(rt_start)
     factual = tx.stupp(rt_start)
     if cfg.alternative == "radiotherapy_alone":
         return factual, tx.stupp(rt_start, chemo=False)
@@ -362,6 +374,7 @@ def glioma_subject(anatomy, rng: np.random.Generator, cfg: GliomaConfig = Glioma
     gamma = rng.uniform(*cfg.mass_effect)
     seed = _draw_seed(wm, mask, spacing, rng)
     rt_start = round(rng.uniform(*cfg.rt_start) / tx.DAY) * tx.DAY
+    chemo = bool(rng.random() >= cfg.p_radiotherapy_alone)
     time, observed = visit_schedule(rng, np.arange(cfg.n_visits) * cfg.visit_every, cfg.visit_jitter, cfg.p_missed)
     time, observed = np.asarray(time, dtype=np.float64), np.asarray(observed, dtype=bool)
 
@@ -374,7 +387,7 @@ def glioma_subject(anatomy, rng: np.random.Generator, cfg: GliomaConfig = Glioma
     u_base = kpp(u_seed, D, rho_field, spacing, [onset], max_dt=cfg.max_dt)[0]
     response = Response(pk=tx.OneCompartment.from_half_life(cfg.tmz_half_life, cfg.tmz_volume),
                         emax=cfg.tmz_emax, ec50=cfg.tmz_ec50, kill=kill, alpha=alpha, beta=beta)
-    factual, alternative = schedules(rt_start, cfg)
+    factual, alternative = schedules(rt_start, cfg, chemo)
     u = np.stack([kpp(u_base, D, rho_field, spacing, time, events, response, max_dt=cfg.max_dt)
                   for events in (factual, [], alternative)])  # (3, V, *space)
 

@@ -207,3 +207,22 @@ def test_3d_subject_once():
     np.testing.assert_array_equal(outside, np.broadcast_to(outside[:1, :1], outside.shape))
     total = s.truth_biomarkers.sum(-1)
     assert np.all(np.diff(total[1]) >= 0) and np.all(total[0] <= total[1])
+
+
+def test_some_subjects_receive_radiotherapy_alone_and_their_alternative_adds_the_drug():
+    rt_alone, stupp = g.schedules(0.1, g.GliomaConfig(), chemo=False)
+    assert {a for _, a, _ in rt_alone} == {tx.RADIOTHERAPY} and stupp == tx.stupp(0.1)
+    factual, alternative = g.schedules(0.1, g.GliomaConfig(), chemo=True)
+    assert factual == tx.stupp(0.1) and alternative == tx.stupp(0.1, chemo=False)
+    assert g.event_capacity(g.GliomaConfig()) == len(tx.stupp(0.0))
+    with pytest.raises(InputError, match="p_radiotherapy_alone"):
+        g.GliomaConfig(p_radiotherapy_alone=1.5)
+
+
+def test_the_share_treated_by_radiotherapy_alone_follows_the_config(anatomy2d):
+    def agents(p, seed):
+        s = g.glioma_subject(anatomy2d, np.random.default_rng(seed), g.GliomaConfig(n_visits=2, p_radiotherapy_alone=p))
+        return {a for _, a, _ in s.events}
+
+    assert all(tx.TEMOZOLOMIDE not in agents(1.0, seed) for seed in range(2))
+    assert all(tx.TEMOZOLOMIDE in agents(0.0, seed) for seed in range(2))

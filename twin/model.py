@@ -16,7 +16,8 @@ the fixed effects of the covariates (standardised, the baseline on the cohort's 
 included: age tells a patient's stage) on tau and xi, and the spread of the personal
 effects. Personal effects (tau, xi, zeta, o) are Gaussian around the fixed effects:
 tau ~ N(mu_tau + beta_tau x, 1) (its unit spread fixes the scale of z), xi ~ N(mu_xi +
-beta_xi x, sd_xi^2), zeta_a ~ N(mu_zeta_a, sd_zeta_a^2), o_b ~ N(0, omega_b^2).
+beta_xi x, sd_xi^2), zeta_a ~ N(mu_zeta_a + beta_zeta_a x, sd_zeta_a^2) (a marker such as MGMT
+methylation can make a drug work better), o_b ~ N(0, omega_b^2).
 
 Fitting (`fit`) maximises the joint posterior of the population and the training patients'
 effects; the spreads are updated from the effects' moments (as in SAEM), because a gradient
@@ -105,6 +106,7 @@ class DiseaseCourse(nn.Module):
         self.mu_xi = nn.Parameter(torch.tensor(math.log(0.5)))
         self.beta_xi = nn.Parameter(torch.zeros(K))
         self.mu_zeta = nn.Parameter(torch.zeros(A))
+        self.beta_zeta = nn.Parameter(torch.zeros(A, K))
         # drugs: elimination rate k (per year, a month's half-life to start) and EC50 (dose units)
         self.log_k = nn.Parameter(torch.full((A,), math.log(math.log(2) / (30 / 365.25))))
         scale = torch.tensor(dose_scale if dose_scale else [1.0] * A, dtype=torch.float32)
@@ -135,7 +137,7 @@ class DiseaseCourse(nn.Module):
         return {
             "tau": self.mu_tau + x @ self.beta_tau + eta[:, 0],
             "xi": self.mu_xi + x @ self.beta_xi + self.sd_xi * eta[:, 1],
-            "zeta": self.mu_zeta + self.sd_zeta * eta[:, c["zeta"]],
+            "zeta": self.mu_zeta + x @ self.beta_zeta.T + self.sd_zeta * eta[:, c["zeta"]],
             "log_alpha": self.mu_alpha + self.sd_alpha * eta[:, c["alpha"]],
             "offset": self.omega * eta[:, c["offset"]],
             "gain": self.sd_gain * eta[:, c["gain"]],
