@@ -495,16 +495,24 @@ def _header(config: TwinConfig, st: Standardiser, model: DiseaseCourse, fingerpr
 
 
 def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: TwinConfig) -> ConformalCalibration:
-    """Band factors from forecasting each subject's second half of observed visits from its first half."""
+    """Band factors from forecasting each calibration subject's later visits from its earlier ones.
+
+    Every cut is used: a subject with n observed visits is conditioned on its first k and
+    forecast at the rest, for k = 1 .. n-1. Users ask with short and with long histories, so
+    the factors are learned over both, binned by horizon.
+    """
     times = np.where(ds["observed"].values, ds["time"].values, np.nan)
     rank = np.argsort(np.argsort(np.where(np.isfinite(times), times, np.inf), axis=1), axis=1)
-    n_obs = np.isfinite(times).sum(1, keepdims=True)
-    history = np.isfinite(times) & (rank < np.ceil(n_obs / 2))
-    target = np.isfinite(times) & ~history
-    if not target.any():
+    n_obs = np.isfinite(times).sum(1)
+    cuts = [(i, k) for i in range(len(n_obs)) for k in range(1, int(n_obs[i]))]
+    if not cuts:
         raise InputError("calibrating the bands needs subjects with at least two observed visits among the "
                          "calibration subjects", source="cohort", field="calibration_fraction")
-    batch = st.batch(ds)
+    row, k = np.array([c[0] for c in cuts]), np.array([c[1] for c in cuts])
+    times, rank = times[row], rank[row]
+    history = np.isfinite(times) & (rank < k[:, None])
+    target = np.isfinite(times) & ~history
+    batch = st.batch(ds).take(torch.as_tensor(row))
     seen = torch.as_tensor(history)
     hist = Batch(torch.where(seen, batch.times, torch.full_like(batch.times, float("nan"))),
                  torch.where(seen[..., None], batch.y, torch.full_like(batch.y, float("nan"))), batch.x, batch.doses,
@@ -513,9 +521,9 @@ def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: T
     query = torch.as_tensor(np.where(target, times, 0.0), dtype=torch.float32)
     _, obs = sample(model, hist.with_times(query), eta, cov, config.n_samples,
                     torch.Generator().manual_seed(config.seed))
-    q = np.quantile(st.values(obs.double().numpy()), config.quantiles, axis=0)  # (Q, S, V, B)
-    truth = np.where(target[..., None], np.where(ds["observed"].values[..., None], ds["biomarkers"].values, np.nan),
-                     np.nan)
+    q = np.quantile(st.values(obs.double().numpy()), config.quantiles, axis=0)  # (Q, cuts, V, B)
+    measured = np.where(ds["observed"].values[..., None], ds["biomarkers"].values, np.nan)[row]
+    truth = np.where(target[..., None], measured, np.nan)
     last = np.nanmax(np.where(history, times, -np.inf), axis=1)
     horizon = np.where(target, times - last[:, None], np.nan)
     L = len(config.band_levels)
