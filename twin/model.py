@@ -9,7 +9,10 @@ are sigmoid functions of it, on the standardised scale (value - mean_b) / scale_
 Two families of course (`family`): "progression" (neurodegeneration: a drug can only slow the
 course, s in (0, 1), and radiotherapy plays no part) and "growth" (a tumour's log burden: a
 drug can kill faster than the tumour grows, s = exp(zeta) in (0, inf), and each radiotherapy
-fraction takes alpha_i (d + d^2 / 10) off z, alpha_i = exp(log-normal effect)).
+fraction takes alpha_i (d + d^2 / 10) off z, alpha_i = exp(log-normal effect)). A growth
+family's biomarkers need not be monotone in the burden (a tumour's oedema rim turns into
+enhancing core as it grows), so its decoder adds a second sigmoid per biomarker,
+a2_b sigmoid(v2_b (z - g2_b)), starting at a2 = 0.
 
 Population parameters: the decoder (c, a, v, g), sigma, the drugs' elimination rates and EC50,
 the fixed effects of the covariates (standardised, the baseline on the cohort's clock
@@ -100,6 +103,10 @@ class DiseaseCourse(nn.Module):
         self.a = nn.Parameter(torch.ones(B))
         self.log_v = nn.Parameter(torch.zeros(B))
         self.g = nn.Parameter(torch.linspace(-1.0, 1.0, B))
+        second = B if family == "growth" else 0
+        self.a2 = nn.Parameter(torch.zeros(second))
+        self.log_v2 = nn.Parameter(torch.zeros(second))
+        self.g2 = nn.Parameter(torch.ones(second))
         self.log_sigma = nn.Parameter(torch.full((B,), math.log(0.3)))
         self.mu_tau = nn.Parameter(torch.zeros(()))
         self.beta_tau = nn.Parameter(torch.zeros(K))
@@ -161,7 +168,10 @@ class DiseaseCourse(nn.Module):
         """Standardised biomarkers (S, T, B) from z (S, T), offsets (S, B) and log-gains (S, B) or None."""
         v = torch.exp(self.log_v)
         a = self.a if gain is None or gain.shape[-1] == 0 else self.a * torch.exp(gain)[:, None, :]
-        return self.c + offset[:, None, :] + a * torch.sigmoid(v * (z[..., None] - self.g))
+        y = self.c + offset[:, None, :] + a * torch.sigmoid(v * (z[..., None] - self.g))
+        if self.a2.numel():
+            y = y + self.a2 * torch.sigmoid(torch.exp(self.log_v2) * (z[..., None] - self.g2))
+        return y
 
     def predict(self, eta: Tensor, batch: Batch) -> Tensor:
         """Noise-free standardised biomarkers (S, T, B) at batch.times."""
@@ -175,8 +185,7 @@ class DiseaseCourse(nn.Module):
         times = torch.where(torch.isfinite(batch.times), batch.times, torch.zeros_like(batch.times))
         mean = self.predict(eta, Batch(times, batch.y, batch.x, batch.doses, batch.fractions))
         y = torch.where(seen, batch.y, torch.zeros_like(batch.y))
-        sigma = torch.exp(self.log_sigma)
-        resid = torch.where(seen, (y - mean) / sigma, torch.zeros_like(mean))
+        resid = torch.where(seen, (y - mean) / torch.exp(self.log_sigma), torch.zeros_like(mean))
         loglik = -0.5 * resid.square() - torch.where(seen, self.log_sigma.expand_as(mean), torch.zeros_like(mean))
         return loglik.sum((1, 2)) - 0.5 * eta.square().sum(1)
 
