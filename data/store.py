@@ -39,10 +39,20 @@ def open_cohort(path: str | os.PathLike, *, check: bool = True) -> xr.Dataset:
         ds = xr.open_zarr(path, consolidated=False, chunks={})
     except Exception as err:  # zarr raises a zoo of types for a damaged store
         raise InputError(f"not a readable zarr store ({type(err).__name__}: {err})", source=str(path)) from None
-    for name, var in ds.data_vars.items():
-        if var.dtype.kind in "US":  # strings read back as fixed-width unicode; keep one dtype
-            ds[name] = var.astype(object)
+    ds = as_object_strings(ds)
     return validate(ds, source=str(path)) if check else ds
+
+
+def as_object_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Strings as Python objects everywhere, as the cohort is built in memory.
+
+    zarr reads strings back as numpy's StringDType (or fixed-width unicode); code that compares
+    or converts them should meet one dtype, whether a cohort came from memory or from disk.
+    """
+    strings = [name for name, var in ds.variables.items() if var.dtype.kind in "UST"]
+    coords = {n: (ds[n].dims, np.asarray(ds[n].values, dtype=object), ds[n].attrs) for n in strings if n in ds.coords}
+    data = {n: ds[n].variable.astype(object) for n in strings if n in ds.data_vars}  # variables: no stale coords
+    return ds.assign_coords(coords).assign(data)
 
 
 def write_cohort(

@@ -152,3 +152,12 @@ def test_unreadable_store_is_a_clean_error(tmp_path):
     (tmp_path / "c.zarr" / "zarr.json").write_text("{not json")
     with pytest.raises(InputError, match="c.zarr"):
         open_cohort(tmp_path / "c.zarr")
+
+
+def test_strings_read_back_as_python_objects(tmp_path, small):
+    # zarr hands back numpy StringDType; a cohort from disk must look like one built in memory
+    path = write_cohort(small, tmp_path / "c.zarr")
+    ds = open_cohort(path)
+    for name in ("subject", "channel", "biomarker", "event_agent", "biomarker_unit"):
+        assert ds[name].dtype == object, name
+    assert list(ds["subject"].values) == list(small["subject"].values)
