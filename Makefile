@@ -32,6 +32,7 @@ test: setup $(MAMBA_REF)
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python bench/biomarker_bench.py
 	$(BIN)/python bench/simulate_bench.py
 
 clean:
