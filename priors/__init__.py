@@ -4,9 +4,12 @@ Physiological part: growth laws (`growth`), monotone neurodegeneration (`neurode
 one-compartment pharmacokinetics with an Emax effect (`pharmacology`), linear-quadratic
 radiotherapy (`radiotherapy`), each a term f_prior(d, theta) of dd/dt for `dynamics.ode.solve`
 with its closed form beside it; `penalties` for training; `plausibility` flags on outputs.
+Anatomical part: change as a diffeomorphic deformation (`deformation`: velocity fields integrated
+by scaling and squaring, Jacobians, masked change, folding and smoothness penalties).
 Pure tensor maths: no files, no xarray.
 """
 
+from .deformation import integrate_velocity, jacobian_determinant, masked_change, volume_ratio, warp
 from .growth import gompertz, logistic
 from .neurodegeneration import progression
 from .pharmacology import concentration, emax
@@ -23,4 +26,9 @@ __all__ = [
     "Limits",
     "check_trajectory",
     "reasons",
+    "warp",
+    "integrate_velocity",
+    "jacobian_determinant",
+    "volume_ratio",
+    "masked_change",
 ]
