@@ -10,8 +10,15 @@ takes it as a black box, as diffusers keeps schedulers apart from networks:
   Dhariwal 2021; or linear, Ho et al. 2020) and the algebra between x_0, eps, v and x_t.
   t = -1 stands for clean data (alpha_bar = 1), where every sampler ends.
 - `DDIMSampler`: few-step sampling (Song et al. 2021), deterministic at eta = 0, with fresh
-  noise from an explicit generator at eta > 0.
+  noise from an explicit generator at eta > 0. First order: with the posterior-mean denoiser
+  it narrows the sample spread by ~7% at 20 steps (eta = 0), which would make bands too tight.
+- `DPMSolverSampler`: DPM-Solver++(2M) (Lu et al. 2022), second order at the same cost per
+  step, remembering the previous step's x_0 estimate; deterministic, or its SDE variant.
 - `sample`: the denoising loop, written out; `training_loss`: the regression it is trained with.
+
+Both samplers step alike, `x_prev, denoised = sampler.step(model_output, t, t_prev, x_t,
+previous=denoised)`: the memory a multistep method needs is handed back to the caller as a
+`Denoised` value, not kept inside the (frozen) sampler, so one sampler can serve many loops.
 
 Batches are (B, C, *space) with B = samples x times (x requests): the condition is handed to
 the denoiser untouched, so the caller lays it out to match.
@@ -23,7 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,7 +38,8 @@ from torch import Tensor
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]  # (x_t (B, C, *space), t (B,) long, condition) -> (B, C, *space)
 PREDICTIONS = ("eps", "v", "x0")  # what the denoiser outputs
 
-__all__ = ["NoiseSchedule", "DDIMSampler", "sample", "training_loss", "Denoiser", "PREDICTIONS"]
+__all__ = ["NoiseSchedule", "DDIMSampler", "DPMSolverSampler", "Sampler", "Denoised", "sample", "training_loss",
+           "Denoiser", "PREDICTIONS"]
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,45 @@ class NoiseSchedule:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
+class Denoised(NamedTuple):
+    """What a step learned: the x_0 estimate (B, C, *space) it used at step t (after any clip).
+
+    A multistep sampler's memory: pass it back as `previous=` to the next step.
+    """
+
+    x0: Tensor
+    t: int
+
+
+def _trailing_timesteps(T: int, steps: int) -> Tensor:
+    """(steps,) long, descending, evenly spaced, starting at T-1: e.g. T=1000, 20 steps: 999, 949, ..., 49.
+
+    "Trailing" spacing (diffusers' timestep_spacing="trailing"; Lin et al. 2024): the first step
+    starts where x_T ~ N(0, I) is right. The "leading" spacing (980, 960, ..., 0) starts the
+    sampler at a noise level where the data's mean still shows, biasing every sample.
+    """
+    return (torch.arange(steps, 0, -1, dtype=torch.float64) * (T / steps)).round().long() - 1
+
+
+def _check_steps(name: str, schedule: NoiseSchedule, steps) -> None:
+    if not (isinstance(steps, int) and 1 <= steps <= schedule.T):
+        raise ValueError(f"{name}.steps must be an integer in [1, T={schedule.T}], got {steps!r}")
+
+
+def _check_step(name: str, model_output: Tensor, t: int, t_prev: int, x_t: Tensor) -> None:
+    if not -1 <= t_prev < t:
+        raise ValueError(f"{name}.step goes down in time: need -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
+    if model_output.shape != x_t.shape:
+        raise ValueError(f"model_output must have the shape of x_t {tuple(x_t.shape)}, got {tuple(model_output.shape)}")
+
+
+def _noise(name: str, x_t: Tensor, generator: torch.Generator | None, why: str) -> Tensor:
+    """z ~ N(0, I) shaped like x_t, drawn on the generator's device (so a seed means the same draws anywhere)."""
+    if generator is None:
+        raise ValueError(f"{name}.{why} draws noise: pass generator=torch.Generator(...)")
+    return torch.randn(x_t.shape, generator=generator, device=generator.device, dtype=x_t.dtype).to(x_t.device)
+
+
 @dataclass(frozen=True)
 class DDIMSampler:
     """DDIM (Song et al. 2021): `steps` denoising steps over the schedule's T.
@@ -171,33 +218,25 @@ class DDIMSampler:
     eta: float = 0.0
 
     def __post_init__(self):
-        if not (isinstance(self.steps, int) and 1 <= self.steps <= self.schedule.T):
-            raise ValueError(f"DDIMSampler.steps must be an integer in [1, T={self.schedule.T}], got {self.steps!r}")
+        _check_steps("DDIMSampler", self.schedule, self.steps)
         if not self.eta >= 0:
             raise ValueError(f"DDIMSampler.eta must be >= 0, got {self.eta}")
 
     @property
     def timesteps(self) -> Tensor:
-        """(steps,) long, descending, evenly spaced, starting at T-1: e.g. T=1000, 20 steps: 999, 949, ..., 49.
-
-        "Trailing" spacing (diffusers' timestep_spacing="trailing"; Lin et al. 2024): the first step
-        starts where x_T ~ N(0, I) is right. The "leading" spacing (980, 960, ..., 0) starts the
-        sampler at a noise level where the data's mean still shows, biasing every sample.
-        """
-        T = self.schedule.T
-        return (torch.arange(self.steps, 0, -1, dtype=torch.float64) * (T / self.steps)).round().long() - 1
+        """(steps,) long, descending from T-1, "trailing" spacing: T=1000, 20 steps: 999, 949, ..., 49."""
+        return _trailing_timesteps(self.schedule.T, self.steps)
 
     def step(self, model_output: Tensor, t: int, t_prev: int, x_t: Tensor, *, prediction: str = "v",
-             generator: torch.Generator | None = None, clip: tuple[float, float] | None = None) -> Tensor:
-        """x_t (B, C, *space) at step t -> x_{t_prev}, t_prev < t (t_prev = -1: clean data).
+             generator: torch.Generator | None = None, clip: tuple[float, float] | None = None,
+             previous: Denoised | None = None) -> tuple[Tensor, Denoised]:
+        """x_t (B, C, *space) at step t -> (x_{t_prev}, this step's `Denoised`), t_prev < t (-1: clean data).
 
         clip: clamp the predicted x_0 to [lo, hi] (data known to lie there) and re-derive eps
         from it, so the step stays on the line through x_t and the clipped x_0.
+        previous: ignored (DDIM is one-step); accepted so that both samplers step alike.
         """
-        if not -1 <= t_prev < t:
-            raise ValueError(f"DDIMSampler.step goes down in time: need -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
-        if model_output.shape != x_t.shape:
-            raise ValueError(f"model_output must have the shape of x_t {tuple(x_t.shape)}, got {tuple(model_output.shape)}")
+        _check_step("DDIMSampler", model_output, t, t_prev, x_t)
         s = self.schedule
         x0, eps = s.x0_and_eps(model_output, t, x_t, prediction)
         if clip is not None:
@@ -209,15 +248,100 @@ class DDIMSampler:
         direction = torch.sqrt((1 - ab_prev - sigma**2).clamp(min=0))
         x_prev = ab_prev.sqrt().to(x_t) * x0 + direction.to(x_t) * eps
         if self.eta > 0 and float(sigma) > 0:
-            if generator is None:
-                raise ValueError(f"DDIMSampler.eta={self.eta} > 0 draws noise: pass generator=torch.Generator(...)")
-            z = torch.randn(x_t.shape, generator=generator, device=generator.device, dtype=x_t.dtype).to(x_t.device)
-            x_prev = x_prev + sigma.to(x_t) * z
-        return x_prev
+            x_prev = x_prev + sigma.to(x_t) * _noise("DDIMSampler", x_t, generator, f"eta={self.eta} > 0")
+        return x_prev, Denoised(x0, t)
+
+
+@dataclass(frozen=True)
+class DPMSolverSampler:
+    """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the probability-flow ODE.
+
+    In lambda_t = log(alpha_t / sigma_t), alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t),
+    the ODE is solved exactly for its linear part and the denoiser's x_0 estimate D is
+    extrapolated linearly from this step (D_0 at t) and the previous one (D_1 at s):
+
+        x_t' = (sigma_t' / sigma_t) x_t + alpha_t' (1 - e^{-h}) (D_0 + (D_0 - D_1) / (2 r)),
+        h = lambda_t' - lambda_t,  r = (lambda_t - lambda_s) / h.
+
+    The first step (no previous estimate) and the last (onto clean data, where h is infinite)
+    are first order, i.e. DDIM; as in diffusers, the last step returns the x_0 estimate itself.
+    Same cost per step as DDIM (one denoiser call) with error O(1/steps^2) instead of O(1/steps).
+
+    sde=True: SDE-DPM-Solver++(2M) (diffusers' "sde-dpmsolver++", midpoint), which adds fresh
+    noise each step from an explicit generator (its first-order step is DDIM at eta = 1):
+
+        x_t' = (sigma_t' / sigma_t) e^{-h} x_t + alpha_t' (1 - e^{-2h}) D + sigma_t' sqrt(1 - e^{-2h}) z.
+
+    Why it matters for bands: on N(mu, sd^2) data with the exact denoiser (cosine schedule),
+    20 steps give a sample sd 0.3% narrow (DDIM: 7.6% narrow), 10 steps 4.9% (DDIM: 14.6%);
+    the SDE form is ~3% wide at 20 steps (DDIM at eta = 1: 13.5% narrow).
+    """
+
+    schedule: NoiseSchedule
+    steps: int = 20
+    sde: bool = False
+
+    def __post_init__(self):
+        _check_steps("DPMSolverSampler", self.schedule, self.steps)
+        if not isinstance(self.sde, bool):
+            raise ValueError(f"DPMSolverSampler.sde must be True or False, got {self.sde!r}")
+
+    @property
+    def timesteps(self) -> Tensor:
+        """(steps,) long, descending from T-1, "trailing" spacing as DDIM's: T=1000, 20 steps: 999, 949, ..., 49."""
+        return _trailing_timesteps(self.schedule.T, self.steps)
+
+    def _lambda(self, t: int) -> Tensor:
+        """lambda_t = log(alpha_t / sigma_t) = log(SNR_t) / 2, float64 (inf at t = -1)."""
+        return 0.5 * torch.log(self.schedule.snr(t))
+
+    def step(self, model_output: Tensor, t: int, t_prev: int, x_t: Tensor, *, prediction: str = "v",
+             generator: torch.Generator | None = None, clip: tuple[float, float] | None = None,
+             previous: Denoised | None = None) -> tuple[Tensor, Denoised]:
+        """x_t (B, C, *space) at step t -> (x_{t_prev}, this step's `Denoised`), t_prev < t (-1: clean data).
+
+        previous: the `Denoised` the step before returned (None at the first step); with it the
+        step is second order, unless t_prev = -1. clip: clamp the x_0 estimate to [lo, hi]
+        before it is used or remembered (DPM-Solver++'s thresholding, in its simplest form).
+        """
+        name = "DPMSolverSampler"
+        _check_step(name, model_output, t, t_prev, x_t)
+        if previous is not None:
+            if not previous.t > t:
+                raise ValueError(f"{name}.step: previous must come from an earlier, noisier step: need "
+                                 f"previous.t > t, got previous.t={previous.t}, t={t}")
+            if previous.x0.shape != x_t.shape:
+                raise ValueError(f"{name}.step: previous.x0 must have the shape of x_t {tuple(x_t.shape)}, "
+                                 f"got {tuple(previous.x0.shape)}")
+        s = self.schedule
+        x0, _ = s.x0_and_eps(model_output, t, x_t, prediction)
+        if clip is not None:
+            x0 = x0.clamp(*clip)
+        ab, ab_prev = s.alpha_bar(t), s.alpha_bar(t_prev)  # float64 scalars
+        alpha_prev, sigma_prev, sigma = ab_prev.sqrt(), (1 - ab_prev).sqrt(), (1 - ab).sqrt()
+        # e^{-h} = sqrt(SNR_t / SNR_t'): written without lambda so that t' = -1 (SNR = inf) gives 0, not nan
+        exp_mh = torch.sqrt(s.snr(t) / s.snr(t_prev))
+        D = x0
+        if previous is not None and t_prev >= 0:
+            lam = self._lambda(t)
+            r = (lam - self._lambda(previous.t)) / (self._lambda(t_prev) - lam)
+            D = x0 + (0.5 / r).to(x_t) * (x0 - previous.x0)
+        if not self.sde:
+            x_prev = (sigma_prev / sigma).to(x_t) * x_t + (alpha_prev * (1 - exp_mh)).to(x_t) * D
+        else:
+            exp_m2h = exp_mh**2
+            x_prev = (sigma_prev / sigma * exp_mh).to(x_t) * x_t + (alpha_prev * (1 - exp_m2h)).to(x_t) * D
+            if float(sigma_prev) > 0:  # the last step, onto clean data, adds none
+                noise = _noise(name, x_t, generator, "sde=True")
+                x_prev = x_prev + (sigma_prev * torch.sqrt(1 - exp_m2h)).to(x_t) * noise
+        return x_prev, Denoised(x0, t)
+
+
+Sampler = DDIMSampler | DPMSolverSampler
 
 
 @torch.no_grad()
-def sample(denoiser: Denoiser, shape: tuple[int, ...], condition: Any, sampler: DDIMSampler,
+def sample(denoiser: Denoiser, shape: tuple[int, ...], condition: Any, sampler: Sampler,
            generator: torch.Generator, *, prediction: str = "v", clip: tuple[float, float] | None = None,
            x_T: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Draw x_0 of `shape` (B, C, *space) from the denoiser, given `condition`.
@@ -225,18 +349,20 @@ def sample(denoiser: Denoiser, shape: tuple[int, ...], condition: Any, sampler: 
     B is every (sample, time) pair at once; `condition` goes to the denoiser untouched.
     x_T ~ N(0, I) is drawn from `generator` (on the generator's device) unless given: passing
     the same x_T to two conditions (two treatment scenarios, say) compares them on common
-    random numbers. Runs without autograd.
+    random numbers. A stochastic sampler draws its step noise from the same generator.
+    Runs without autograd.
     """
     if x_T is None:
         x_T = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
     elif tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T must have shape {tuple(shape)}, got {tuple(x_T.shape)}")
-    x = x_T
+    x, denoised = x_T, None
     timesteps = sampler.timesteps.tolist()
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):  # -1: the last step lands on clean data
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         model_output = denoiser(x, t_batch, condition)
-        x = sampler.step(model_output, t, t_prev, x, prediction=prediction, generator=generator, clip=clip)
+        x, denoised = sampler.step(model_output, t, t_prev, x, prediction=prediction, generator=generator,
+                                   clip=clip, previous=denoised)
     return x
 
 
