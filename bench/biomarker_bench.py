@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=None, help="per simulated cohort (default 200; --quick 40)")
     parser.add_argument("--iterations", type=int, default=None, help="twin fit steps (default TwinConfig's; --quick 150)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inference", default="laplace", choices=["laplace", "amortised"],
+                        help="how the twin reads a history: Laplace posterior, or the Mamba history encoder")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run (~1-2 minutes)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = parser.parse_args()
@@ -77,10 +79,11 @@ def main() -> None:
 
     subjects = args.subjects or (40 if args.quick else 200)
     iterations = args.iterations or (150 if args.quick else TwinConfig().iterations)
-    config = TwinConfig(iterations=iterations, seed=args.seed, n_samples=100 if args.quick else TwinConfig().n_samples)
+    config = TwinConfig(iterations=iterations, seed=args.seed, n_samples=100 if args.quick else TwinConfig().n_samples,
+                        inference=args.inference)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, torch threads {torch.get_num_threads()}")
-    print(f"twin: {iterations} fit steps, {config.n_samples} draws, seed {args.seed}; horizon bins "
+    print(f"twin: {iterations} fit steps, {config.n_samples} draws, {config.inference} inference, seed {args.seed}; horizon bins "
           f"{_labels()}; MAE standardised by training SD", flush=True)
     start = time.perf_counter()
     report = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),

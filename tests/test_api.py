@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -223,3 +224,24 @@ def test_explicit_schedules_are_checked(twin, ds):
         twin.simulate(ds, {"bad": {"s01": [(-1.0, "dmt", 10.0)]}}, ["s01"], horizons=[1])
     with pytest.raises(InputError, match="scenario: factual: arm names are letters"):
         twin.simulate(ds, {"factual": {"s01": []}}, ["s01"], horizons=[1])
+
+
+def test_amortised_inference_reads_histories_with_the_mamba_encoder(ds, tmp_path):
+    config = replace(FAST, inference="amortised", amortiser_steps=40)
+    twin = BiomarkerTwin.fit(ds, config, progress=False)
+    assert twin.amortiser is not None
+    answer = twin.forecast(ds, horizons=[0.5, 1.0])
+    assert np.isfinite(answer["mean"].values).all()
+    q = answer["quantiles"].values
+    assert (np.diff(q, axis=0) >= 0).all()
+    # the encoder's posterior, not the Laplace one: the answers differ, yet stay near each other
+    laplace = BiomarkerTwin.fit(ds, FAST, progress=False).forecast(ds, horizons=[0.5, 1.0])
+    assert not np.allclose(answer["mean"].values, laplace["mean"].values)
+    spread = np.nanstd(laplace["mean"].values)
+    assert np.nanmean(np.abs(answer["mean"].values - laplace["mean"].values)) < spread
+    # the encoder travels with the model directory and answers the same after loading
+    twin.save(tmp_path / "model")
+    again = BiomarkerTwin.load(tmp_path / "model")
+    xr.testing.assert_allclose(again.forecast(ds, horizons=[0.5, 1.0]), answer)
+    with pytest.raises(InputError, match="inference"):
+        TwinConfig(inference="guess")

@@ -52,6 +52,7 @@ import xarray as xr
 
 from twin.errors import InputError
 
+from .amortise import Amortiser, AmortiserConfig, amortised_posterior, fit_amortiser
 from .checkpoint import flatten_optimiser, has_checkpoint, read_checkpoint, unflatten_optimiser, write_checkpoint
 from .inference import fit_population, orient_decoder, posterior, sample
 from .metrics import HORIZON_EDGES, ConformalCalibration, holdout_subjects
@@ -60,6 +61,7 @@ from .results import build_result
 from .tensors import RADIOTHERAPY, Standardiser
 
 MODEL_FORMAT = "twin-biomarker-model/1"
+INFERENCE = ("laplace", "amortised")
 MIN_CALIBRATION_CASES = 30  # per horizon bin; sparser bins are pooled with a neighbour
 
 
@@ -67,6 +69,10 @@ MIN_CALIBRATION_CASES = 30  # per horizon bin; sparser bins are pooled with a ne
 class TwinConfig:
     """How to fit and sample the biomarker twin.
 
+    inference: how a patient's effects are read from its visits: "laplace" (MAP by L-BFGS and
+    the inverse Hessian, per request) or "amortised" (the time-aware Mamba history encoder,
+    trained after the population on prefixes of the training histories, `amortiser_steps`
+    Adam steps: one forward pass per request);
     family: "progression" (neurodegeneration: drugs can only slow it), "growth" (a tumour:
     drugs and radiotherapy kill) or "auto" (growth when the cohort has radiotherapy events);
     hidden: width of the learned bend of the disease course (0: the closed-form course);
@@ -86,13 +92,18 @@ class TwinConfig:
     n_samples: int = 200
     quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
     calibration_fraction: float = 0.2
+    inference: str = "laplace"
+    amortiser_steps: int = 600
     seed: int = 0
 
     def __post_init__(self):
+        if self.inference not in INFERENCE:
+            raise InputError(f"expected one of {list(INFERENCE)}, got {self.inference!r}", source="TwinConfig",
+                             field="inference")
         if self.family not in ("auto", *FAMILIES):
             raise InputError(f"expected one of {['auto', *FAMILIES]}, got {self.family!r}", source="TwinConfig", field="family")
         for name, low in (("hidden", 0), ("iterations", 1), ("spread_every", 1), ("posterior_steps", 1),
-                          ("n_samples", 2), ("seed", 0)):
+                          ("n_samples", 2), ("amortiser_steps", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise InputError(f"expected an integer >= {low}, got {value!r}", source="TwinConfig", field=name)
@@ -142,9 +153,10 @@ class BiomarkerTwin:
     """
 
     def __init__(self, model: DiseaseCourse, standardiser: Standardiser, config: TwinConfig,
-                 calibration: ConformalCalibration, limits, *, cohort_fingerprint: str = ""):
+                 calibration: ConformalCalibration, limits, *, cohort_fingerprint: str = "", amortiser=None):
         self.model, self.standardiser, self.config = model, standardiser, config
         self.calibration, self.limits, self.cohort_fingerprint = calibration, limits, cohort_fingerprint
+        self.amortiser = amortiser
 
     # ---- fitting and checkpoints --------------------------------------------------------------
 
@@ -207,8 +219,15 @@ class BiomarkerTwin:
                        progress=progress)
         for p in model.parameters():
             p.requires_grad_(False)
-        calibration = _calibrate(model, st, calibration_ds, config)
-        twin = cls(model, st, config, calibration, _limits(fit_ds, model, st), cohort_fingerprint=fingerprint)
+        amortiser = None
+        if config.inference == "amortised":
+            amortiser, _ = fit_amortiser(model, batch, st.dose_scale, _amortiser_config(config))
+            for p in amortiser.parameters():
+                p.requires_grad_(False)
+        read = _reader(model, amortiser, config)
+        calibration = _calibrate(model, st, calibration_ds, config, read)
+        twin = cls(model, st, config, calibration, _limits(fit_ds, model, st), cohort_fingerprint=fingerprint,
+                   amortiser=amortiser)
         if checkpoint_dir is not None:
             twin.save(checkpoint_dir)
         return twin
@@ -216,6 +235,8 @@ class BiomarkerTwin:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model directory: model.safetensors and config.json (atomically; no pickle)."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.amortiser is not None:
+            tensors.update({f"amortiser.{k}": v for k, v in self.amortiser.state_dict().items()})
         return write_checkpoint(path, tensors, self._meta())
 
     @classmethod
@@ -243,13 +264,22 @@ class BiomarkerTwin:
                                for k, vals in meta["limits"].items()})
             model = _model(st, config)
             model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+            amortiser = None
+            if config.inference == "amortised":
+                amortiser = Amortiser.for_model(model, st.dose_scale, _amortiser_config(config))
+                amortiser.load_state_dict({k[len("amortiser."):]: v for k, v in tensors.items()
+                                           if k.startswith("amortiser.")})
+                amortiser.eval()
+                for p in amortiser.parameters():
+                    p.requires_grad_(False)
         except KeyError as err:
             raise InputError(f"missing entry {err}", source=source, field="config.json") from None
         except (TypeError, RuntimeError) as err:  # load_state_dict: missing, unexpected or misshapen tensors
             raise InputError(" ".join(str(err).split())[:300], source=source, field="model.safetensors") from None
         for p in model.parameters():
             p.requires_grad_(False)
-        return cls(model, st, config, calibration, limits, cohort_fingerprint=meta.get("cohort_fingerprint", ""))
+        return cls(model, st, config, calibration, limits, cohort_fingerprint=meta.get("cohort_fingerprint", ""),
+                   amortiser=amortiser)
 
     def _meta(self) -> dict:
         limits = {k: [_json_number(v) for v in vals] if k in ("low", "high", "max_rate") else list(vals)
@@ -330,7 +360,7 @@ class BiomarkerTwin:
         one, since, clock_times = self._requests(ds, subjects, horizons, at)
         st, config = self.standardiser, self.config
         batch = st.batch(one)
-        eta, cov = posterior(self.model, batch, steps=config.posterior_steps)
+        eta, cov = _reader(self.model, self.amortiser, config)(batch)
         observed_t = np.where(one["observed"].values, one["time"].values, np.nan)
         last = np.nanmax(np.where(np.isfinite(observed_t), observed_t, -np.inf), axis=1)
         horizon = since - last[:, None]
@@ -494,7 +524,19 @@ def _header(config: TwinConfig, st: Standardiser, model: DiseaseCourse, fingerpr
                      "family": model.family, "radiotherapy": bool(model.R)}}
 
 
-def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: TwinConfig) -> ConformalCalibration:
+def _amortiser_config(config: TwinConfig) -> AmortiserConfig:
+    return AmortiserConfig(steps=config.amortiser_steps, seed=config.seed)
+
+
+def _reader(model: DiseaseCourse, amortiser, config: TwinConfig) -> Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]:
+    """How a batch of histories becomes posteriors of the effects, (mean (S, P), covariance (S, P, P))."""
+    if config.inference == "amortised":
+        return lambda batch: amortised_posterior(model, amortiser, batch)
+    return lambda batch: posterior(model, batch, steps=config.posterior_steps)
+
+
+def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: TwinConfig,
+               read: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]) -> ConformalCalibration:
     """Band factors from forecasting each calibration subject's later visits from its earlier ones.
 
     Every cut is used: a subject with n observed visits is conditioned on its first k and
@@ -517,7 +559,7 @@ def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: T
     hist = Batch(torch.where(seen, batch.times, torch.full_like(batch.times, float("nan"))),
                  torch.where(seen[..., None], batch.y, torch.full_like(batch.y, float("nan"))), batch.x, batch.doses,
                  batch.fractions)
-    eta, cov = posterior(model, hist, steps=config.posterior_steps)
+    eta, cov = read(hist)
     query = torch.as_tensor(np.where(target, times, 0.0), dtype=torch.float32)
     _, obs = sample(model, hist.with_times(query), eta, cov, config.n_samples,
                     torch.Generator().manual_seed(config.seed))
