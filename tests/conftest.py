@@ -31,3 +31,14 @@ def tiny_cohort(subjects=("a", "b", "c"), *, seed: int = 0, visits: int = 4, sha
 @pytest.fixture
 def small():
     return tiny_cohort()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions gain nothing from a second thread, and lose much when another process holds a core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

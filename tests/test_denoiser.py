@@ -32,13 +32,7 @@ def _net(channels=1, dims=2, S=3, seed=0, live=True, **kw) -> ConditionalUNet:
     return net
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny convolutions run several times faster on one thread when the 2 cores are shared (threads wait on each other)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("dims, space, C", [(2, (16, 16), 1), (2, (15, 13), 2), (3, (8, 8, 8), 1), (3, (7, 8, 9), 2)])

@@ -12,13 +12,7 @@ from twin.scan_encoder import ScanCode, ScanEncoder, robust_scale
 SIZE = {2: (32, 32), 3: (16, 16, 16)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Convs this small gain nothing from a second thread, and lose much when another process holds a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _encoder(dims=2, channels=2, dtype=torch.float64, seed=0, **kw):
