@@ -71,12 +71,7 @@ def selective_scan(
         raise ValueError(f"selective_scan: chunk must be an int >= 1, got {chunk!r}")
 
     dtype_in = u.dtype
-    real = torch.promote_types(dtype_in, torch.float32)
-    u, delta, A, B, C = (t.to(real) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(real)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    real, u, delta, A, B, C = _in_real(u, delta, A, B, C, delta_bias, delta_softplus)
     # Time first, (L, b, d, N): every step or chunk of steps is then one contiguous block, which
     # on CPU is several times faster than slicing along a trailing time axis.
     delta_t, u_t = _time_first(delta), _time_first(u)  # (L, b, d)
@@ -147,15 +142,21 @@ def _contract(h: Tensor, C: Tensor) -> Tensor:
     return torch.einsum("lbghn,lbgn->lbgh", h.unflatten(2, (C.shape[2], -1)), C).flatten(2, 3)
 
 
-def _reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-    """The specification: the recurrence stepped one time step at a time (float32 or wider)."""
-    dtype_in = u.dtype
-    real = torch.promote_types(dtype_in, torch.float32)
+def _in_real(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Inputs in float32 or wider, and the step Δ = delta (+ bias) (softplus'd if asked): both paths start here."""
+    real = torch.promote_types(u.dtype, torch.float32)
     u, delta, A, B, C = (t.to(real) for t in (u, delta, A, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias.to(real)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
+    return real, u, delta, A, B, C
+
+
+def _reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """The specification: the recurrence stepped one time step at a time (float32 or wider)."""
+    dtype_in = u.dtype
+    real, u, delta, A, B, C = _in_real(u, delta, A, B, C, delta_bias, delta_softplus)
     dim = u.shape[1]
     # Group g of grouped B, C (b, G, N, L) serves channels g*H ... g*H + H-1, H = dim / G.
     B = B.repeat_interleave(dim // B.shape[1], dim=1) if B.dim() == 4 else B[:, None]  # (b, d or 1, N, L)

@@ -89,8 +89,7 @@ class DiseaseCourse(nn.Module):
     """
 
     def __init__(self, n_biomarkers: int, n_covariates: int, n_drugs: int, *, hidden: int = 16,
-                 dose_scale: tuple[float, ...] = (), family: str = "progression", radiotherapy: bool = False,
-                 gains: bool = False):
+                 dose_scale: tuple[float, ...] = (), family: str = "progression", radiotherapy: bool = False):
         super().__init__()
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -98,7 +97,7 @@ class DiseaseCourse(nn.Module):
             raise ValueError("radiotherapy acts on the growth family only (it kills cells; it does not slow neurodegeneration)")
         B, K, A = n_biomarkers, n_covariates, n_drugs
         self.B, self.K, self.A = B, K, A
-        self.family, self.R, self.gains = family, int(radiotherapy), bool(gains)
+        self.family, self.R = family, int(radiotherapy)
         self.c = nn.Parameter(torch.zeros(B))
         self.a = nn.Parameter(torch.ones(B))
         self.log_v = nn.Parameter(torch.zeros(B))
@@ -124,19 +123,16 @@ class DiseaseCourse(nn.Module):
         self.register_buffer("sd_zeta", torch.ones(A))
         self.register_buffer("sd_alpha", torch.full((self.R,), 0.3))
         self.register_buffer("omega", torch.full((B,), 0.5))
-        self.register_buffer("sd_gain", torch.full((B if gains else 0,), 0.2))
         self.progression = Progression(hidden)
 
     @property
     def n_effects(self) -> int:
-        return 2 + self.A + self.R + self.B * (2 if self.gains else 1)
+        return 2 + self.A + self.R + self.B
 
     def _columns(self) -> dict[str, slice]:
         A, R = self.A, self.R
-        B, G = self.B, self.B if self.gains else 0
         o = 2 + A + R
-        return {"xi": slice(1, 2), "zeta": slice(2, 2 + A), "alpha": slice(2 + A, o), "offset": slice(o, o + B),
-                "gain": slice(o + B, o + B + G)}
+        return {"xi": slice(1, 2), "zeta": slice(2, 2 + A), "alpha": slice(2 + A, o), "offset": slice(o, None)}
 
     def personal(self, eta: Tensor, x: Tensor) -> dict[str, Tensor]:
         """Natural-scale personal parameters from whitened effects eta (S, P) and covariates x (S, K)."""
@@ -147,7 +143,6 @@ class DiseaseCourse(nn.Module):
             "zeta": self.mu_zeta + x @ self.beta_zeta.T + self.sd_zeta * eta[:, c["zeta"]],
             "log_alpha": self.mu_alpha + self.sd_alpha * eta[:, c["alpha"]],
             "offset": self.omega * eta[:, c["offset"]],
-            "gain": self.sd_gain * eta[:, c["gain"]],
         }
 
     def sensitivity(self, zeta: Tensor) -> Tensor:
@@ -164,11 +159,10 @@ class DiseaseCourse(nn.Module):
             radiotherapy, alpha = Radiotherapy(*batch.fractions), torch.exp(p["log_alpha"][:, 0])
         return self.progression(p["tau"], torch.exp(p["xi"]), exposure, batch.times, radiotherapy, alpha)
 
-    def decode(self, z: Tensor, offset: Tensor, gain: Tensor | None = None) -> Tensor:
-        """Standardised biomarkers (S, T, B) from z (S, T), offsets (S, B) and log-gains (S, B) or None."""
+    def decode(self, z: Tensor, offset: Tensor) -> Tensor:
+        """Standardised biomarkers (S, T, B) from z (S, T) and offsets (S, B)."""
         v = torch.exp(self.log_v)
-        a = self.a if gain is None or gain.shape[-1] == 0 else self.a * torch.exp(gain)[:, None, :]
-        y = self.c + offset[:, None, :] + a * torch.sigmoid(v * (z[..., None] - self.g))
+        y = self.c + offset[:, None, :] + self.a * torch.sigmoid(v * (z[..., None] - self.g))
         if self.a2.numel():
             y = y + self.a2 * torch.sigmoid(torch.exp(self.log_v2) * (z[..., None] - self.g2))
         return y
@@ -176,7 +170,7 @@ class DiseaseCourse(nn.Module):
     def predict(self, eta: Tensor, batch: Batch) -> Tensor:
         """Noise-free standardised biomarkers (S, T, B) at batch.times."""
         p = self.personal(eta, batch.x)
-        return self.decode(self.state(eta, batch), p["offset"], p["gain"])
+        return self.decode(self.state(eta, batch), p["offset"])
 
     def log_joint(self, eta: Tensor, batch: Batch) -> Tensor:
         """log p(y, eta) per patient (S,): Gaussian likelihood of what was measured plus the prior."""
@@ -200,8 +194,7 @@ class DiseaseCourse(nn.Module):
         """
         c = self._columns()
         eta = eta.clone()
-        for sd, cols in ((self.sd_xi, c["xi"]), (self.sd_zeta, c["zeta"]), (self.sd_alpha, c["alpha"]), (self.omega, c["offset"]),
-                         (self.sd_gain, c["gain"])):
+        for sd, cols in ((self.sd_xi, c["xi"]), (self.sd_zeta, c["zeta"]), (self.sd_alpha, c["alpha"]), (self.omega, c["offset"])):
             if sd.numel() == 0:
                 continue
             second_moment = (eta[:, cols].square() + variance[:, cols]).mean(0) * sd.reshape(-1).square()
