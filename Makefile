@@ -33,6 +33,7 @@ test: setup $(MAMBA_REF)
 
 bench: setup
 	$(BIN)/python bench/biomarker_bench.py
+	$(BIN)/python bench/scan_bench.py
 	$(BIN)/python bench/simulate_bench.py
 
 clean:

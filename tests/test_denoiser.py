@@ -97,7 +97,8 @@ def test_deterministic_given_the_generator():
     x = torch.randn((2, 1, 16, 16), generator=_gen(5))
     a, b = _net(seed=7), _net(seed=7)
     assert torch.equal(a(x, torch.tensor([3, 4]), cond), b(x, torch.tensor([3, 4]), cond))
-    assert a.config == {"channels": 1, "dims": 2, "width": 8, "levels": 3, "state_dim": 3, "time_embedding": 64}
+    assert a.config == {"channels": 1, "dims": 2, "width": 8, "levels": 3, "state_dim": 3, "time_embedding": 64,
+                        "reference_channels": 1}
 
 
 @pytest.mark.parametrize("dims, space", [(2, (16, 16)), (3, (8, 8, 8))])

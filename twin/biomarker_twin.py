@@ -146,6 +146,30 @@ class TwinConfig:
         return cls(**{k: tuple(v) if k == "quantiles" and isinstance(v, list) else v for k, v in d.items()})
 
 
+@dataclass(frozen=True)
+class Draws:
+    """Predictive draws for requests (S subjects x R times), per arm; `BiomarkerTwin.draws` makes them.
+
+    truth, observation: per arm (K, S, R, B) in the biomarkers' units (noise-free, and with
+    measurement noise); standardised: per arm (noise-free at the requests, noise-free at the
+    `also` times) standardised, (K, S, R, B) and (K, S, R2, B). NaN pads missing requests.
+    since: (S, R) years since baseline; clock: the same on the cohort's clock; horizon: years
+    after the last observed visit; nearest: years to the nearest observed visit.
+    """
+
+    one: xr.Dataset
+    since: np.ndarray
+    clock: np.ndarray
+    horizon: np.ndarray
+    nearest: np.ndarray
+    arms: list
+    truth: list
+    observation: list
+    standardised: list
+    seed: int
+    n: int
+
+
 class BiomarkerTwin:
     """A fitted biomarker twin: the model, its standardisation, band calibration and plausibility limits.
 
@@ -353,20 +377,35 @@ class BiomarkerTwin:
                             seed, scenario=scenario)
 
     def _answer(self, kind, ds, subjects, horizons, at, n_samples, samples, seed, scenario=None) -> xr.Dataset:
+        d = self.draws(ds, subjects, horizons=horizons, at=at, n_samples=n_samples, seed=seed, scenario=scenario,
+                       source=kind)
+        return self._summary(kind, d, ds, samples, scenario)
+
+    def draws(self, ds: xr.Dataset, subjects=None, *, horizons=None, at=None, n_samples: int | None = None,
+              seed: int | None = None, scenario=None, also=None, source: str = "forecast") -> Draws:
+        """The predictive draws behind an answer, per arm (the subject's own schedule first).
+
+        also(one, since) -> (S, R2) extra times since baseline (NaN = none) at which the same
+        draws are evaluated too (the scan twin asks for its reference visits there); their
+        standardised noise-free values come back in `Draws.also`. `scenario` is a ScenarioSet
+        or explicit schedules, as `simulate` passes them.
+        """
         n = self.config.n_samples if n_samples is None else int(n_samples)
         if n < 2:
-            raise InputError(f"need at least 2 samples, got {n}", source=kind, field="n_samples")
+            raise InputError(f"need at least 2 samples, got {n}", source=source, field="n_samples")
         seed = self.config.seed if seed is None else int(seed)
         one, since, clock_times = self._requests(ds, subjects, horizons, at)
-        st, config = self.standardiser, self.config
+        st = self.standardiser
         batch = st.batch(one)
-        eta, cov = _reader(self.model, self.amortiser, config)(batch)
+        eta, cov = _reader(self.model, self.amortiser, self.config)(batch)
         observed_t = np.where(one["observed"].values, one["time"].values, np.nan)
         last = np.nanmax(np.where(np.isfinite(observed_t), observed_t, -np.inf), axis=1)
         horizon = since - last[:, None]
         nearest = np.nanmin(np.abs(since[:, :, None] - observed_t[:, None, :]), axis=2, initial=np.inf)
-        query = torch.as_tensor(np.where(np.isfinite(since), since, 0.0), dtype=torch.float32)
-        pad = ~np.isfinite(since)[None, :, :, None]
+        extra = np.zeros((len(last), 0)) if also is None else np.asarray(also(one, since), dtype=np.float64)
+        asked = np.concatenate([since, extra], axis=1)
+        query = torch.as_tensor(np.where(np.isfinite(asked), asked, 0.0), dtype=torch.float32)
+        pad = ~np.isfinite(asked)[None, :, :, None]
 
         arms = [("factual", (batch.doses, batch.fractions))]
         ids = [str(s) for s in one["subject"].values]
@@ -382,18 +421,31 @@ class BiomarkerTwin:
                        for i in range(len(last))]
             per_subject = [scenario.events_for(float(last[i]), history[i]) for i in range(len(last))]
             arms += [(name, _treatments([e[name] for e in per_subject], st)) for name in scenario.names]
-        truths, draws = [], []
+        R = since.shape[1]
+        truths, draws, also_std = [], [], []
         for _, (doses, fractions) in arms:
             # the same generator seed for every arm: the same effects and noise, so arms differ by treatment only
             truth, obs = sample(self.model, batch.with_times(query).with_doses(doses, fractions), eta, cov, n,
                                 torch.Generator().manual_seed(seed))
-            truths.append(np.where(pad, np.nan, st.values(truth.double().numpy())))
-            draws.append(np.where(pad, np.nan, st.values(obs.double().numpy())))
+            truth_std = np.where(pad, np.nan, truth.double().numpy())
+            truths.append(st.values(truth_std[:, :, :R]))
+            draws.append(np.where(pad[:, :, :R], np.nan, st.values(obs.double().numpy()[:, :, :R])))
+            also_std.append((truth_std[:, :, :R], truth_std[:, :, R:]))
+        return Draws(one=one, since=since, clock=clock_times, horizon=horizon, nearest=nearest,
+                     arms=[name for name, _ in arms], truth=truths, observation=draws, standardised=also_std,
+                     seed=seed, n=n)
 
+    def _summary(self, kind: str, d: Draws, ds: xr.Dataset, samples: bool, scenario) -> xr.Dataset:
+        """The biomarker result of `draws`: means, calibrated quantiles, flags (and effects per arm)."""
         from twin.priors.plausibility import CHECKS
 
+        st, config, one, arms = self.standardiser, self.config, d.one, d.arms
+        truths, draws, nearest, clock_times, horizon = d.truth, d.observation, d.nearest, d.clock, d.horizon
+        seed, n = d.seed, d.n
+        ids = [str(s) for s in one["subject"].values]
+
         mean, quantiles, flags, reasons = [], [], [], []
-        for (name, _), truth, obs in zip(arms, truths, draws):
+        for name, truth, obs in zip(arms, truths, draws):
             mean.append(truth.mean(0))
             quantiles.append(_calibrated_quantiles(obs, nearest, self.calibration, config.quantiles))
             f, r = _flags(mean[-1], clock_times, self.limits, [str(s) for s in one["subject"].values])
@@ -413,7 +465,7 @@ class BiomarkerTwin:
                                        {"events": {name: {s: [list(e) for e in schedules[s]] for s in ids}
                                                    for name, schedules in scenario.items()}})
         return build_result(mean=np.stack(mean), quantiles=np.stack(quantiles), flags=np.stack(flags),
-                            samples=np.stack(draws) if samples else None, arms=[name for name, _ in arms],
+                            samples=np.stack(draws) if samples else None, arms=arms,
                             effect_mean=np.stack([e.mean(0) for e in effects]),
                             effect_quantiles=np.stack([_quantiles(e, config.quantiles) for e in effects]), **common)
 

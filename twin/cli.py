@@ -48,6 +48,19 @@ def _import_table(args: argparse.Namespace) -> int:
 
 
 def _export_nifti(args: argparse.Namespace) -> int:
+    import zarr
+
+    try:
+        is_result = "twin_result" in zarr.open_group(args.cohort, mode="r").attrs
+    except Exception:  # not a zarr store: open_cohort names the problem
+        is_result = False
+    if is_result:
+        from twin import open_result
+        from twin.result_nifti import export_result_nifti
+
+        files = export_result_nifti(open_result(args.cohort), args.output, overwrite=args.overwrite)
+        print(f"wrote {len(files)} files under {args.output}")
+        return 0
     from twin.data import open_cohort
     from twin.data.export import export_nifti
 
@@ -98,25 +111,38 @@ def _format_info(path: str, s: dict) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from twin import BiomarkerTwin, TwinConfig
+    from twin import BiomarkerTwin, ScanConfig, ScanTwin, TwinConfig
     from twin.data import open_cohort
 
-    base = TwinConfig.from_dict(_read_json(args.config), source=args.config) if args.config else TwinConfig()
-    given = {k: getattr(args, k) for k in ("iterations", "hidden", "seed", "calibration_fraction") if getattr(args, k) is not None}
-    config = TwinConfig.from_dict({**base.to_dict(), **given}, source="options")
     ds = open_cohort(args.cohort)
-    twin = BiomarkerTwin.fit(ds, config, checkpoint_dir=args.output, overwrite=args.overwrite, progress=not args.quiet)
-    factors = ", ".join(f"{level:g}: x{f:.2f}" for level, f in zip(twin.calibration.levels, twin.calibration.factors[0]))
-    print(f"wrote {args.output} ({ds.sizes['subject']} subjects, {len(twin.standardiser.biomarker)} biomarkers, "
-          f"{config.iterations} steps, seed {config.seed}; band factors at the shortest horizons {factors})")
+    scans = "image" in ds and not args.biomarkers_only
+    settings = _read_json(args.config) if args.config else {}
+    given = {k: getattr(args, k) for k in ("iterations", "hidden", "seed", "calibration_fraction") if getattr(args, k) is not None}
+    if not scans:
+        base = TwinConfig.from_dict(settings, source=args.config) if args.config else TwinConfig()
+        config = TwinConfig.from_dict({**base.to_dict(), **given}, source="options")
+        twin = BiomarkerTwin.fit(ds, config, checkpoint_dir=args.output, overwrite=args.overwrite, progress=not args.quiet)
+        factors = ", ".join(f"{level:g}: x{f:.2f}" for level, f in zip(twin.calibration.levels, twin.calibration.factors[0]))
+        print(f"wrote {args.output} ({ds.sizes['subject']} subjects, {len(twin.standardiser.biomarker)} biomarkers, "
+              f"{config.iterations} steps, seed {config.seed}; band factors at the shortest horizons {factors})")
+        return 0
+    base = ScanConfig.from_dict(settings, source=args.config) if args.config else ScanConfig()
+    dynamics = {**base.dynamics.to_dict(), **given}
+    top = {"seed": args.seed} if args.seed is not None else {}
+    config = ScanConfig.from_dict({**base.to_dict(), **top, "dynamics": dynamics}, source="options")
+    twin = ScanTwin.fit(ds, config, checkpoint_dir=args.output, overwrite=args.overwrite, progress=not args.quiet)
+    cal = twin.calibration
+    factors = ", ".join(f"{level:g}: x{f:.2f}" for level, f in zip(cal["levels"], cal["voxel"]))
+    print(f"wrote {args.output} (scan twin: {ds.sizes['subject']} subjects, channels {', '.join(twin.channels)}, "
+          f"{twin.record.get('pairs', 0)} training pairs, seed {config.seed}; voxel band factors {factors})")
     return 0
 
 
 def _ask(args: argparse.Namespace, kind: str) -> int:
-    from twin import BiomarkerTwin, write_result
+    from twin import load_twin, write_result
     from twin.data import open_cohort
 
-    twin = BiomarkerTwin.load(args.model)
+    twin = load_twin(args.model)
     ds = open_cohort(args.cohort)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     at = args.at or None  # a path: the API reads it and names it in errors
@@ -131,6 +157,8 @@ def _ask(args: argparse.Namespace, kind: str) -> int:
         result = twin.simulate(ds, args.scenario, subjects, at=at, **extra, **options)
     path = write_result(result, args.output, overwrite=args.overwrite)
     flagged = int(result["flags"].any("check").sum())
+    if "scan_flags" in result:
+        flagged += int(result["scan_flags"].any("scan_check").sum())
     arms = f", arms {', '.join(map(str, result['arm'].values))}" if "arm" in result.dims else ""
     print(f"wrote {path} ({kind}: {result.sizes['subject']} subjects, {int(result['time'].notnull().sum())} times{arms}; "
           f"{flagged} values flagged implausible)")
@@ -212,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     writes(p)
 
     exp = sub.add_parser("export", help="export scans to NIfTI, results to tables").add_subparsers(dest="target", required=True, metavar="TARGET")
-    p = command("nifti", "write scans as NIfTI with each subject's affine, in a BIDS-derivatives layout", _export_nifti, exp)
-    p.add_argument("cohort", metavar="COHORT.zarr")
+    p = command("nifti", "write a cohort's scans, or a result's predicted scans (mean, bands, spread), as NIfTI with "
+                "each subject's affine", _export_nifti, exp)
+    p.add_argument("cohort", metavar="COHORT.zarr|RESULT.zarr")
     p.add_argument("--variables", default="image", help="comma-separated image variables to export (default: image)")
     writes(p, "DIR")
     p = command("table", "write a result as CSV: subject,time,biomarker,mean,q05,q25,q50,q75,q95 (scenario results: "
@@ -221,10 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("result", metavar="RESULT.zarr")
     writes(p, "OUT.csv")
 
-    p = command("train", "fit the biomarker twin on a cohort with biomarkers; an interrupted training resumes "
-                "when run again with the same output", _train)
+    p = command("train", "fit the twin on a cohort: the scan twin when it has scans (forecasts scans and biomarkers), "
+                "else the biomarker twin; an interrupted training resumes when run again with the same output", _train)
     p.add_argument("cohort", metavar="COHORT.zarr")
-    p.add_argument("--config", metavar="CONFIG.json", help="settings (TwinConfig fields as JSON); options below override it")
+    p.add_argument("--config", metavar="CONFIG.json", help="settings as JSON (ScanConfig fields for a scan twin, "
+                   "TwinConfig fields for a biomarker twin); options below override it")
+    p.add_argument("--biomarkers-only", action="store_true", help="fit the biomarker twin even when the cohort has scans")
     p.add_argument("--iterations", type=_positive_int, help="optimiser steps (default 600)")
     p.add_argument("--hidden", type=int, help="width of the learned bend of the disease course (default 0: closed form)")
     p.add_argument("--seed", type=int, help="random seed of initialisation and sampling (default 0)")
@@ -246,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "for every subject" + (" (default 0.5,1,1.5,2,2.5,3)" if kind == "scenario" else ""))
             when.add_argument("--at", metavar="REQUESTS.csv", help=at_help)
         p.add_argument("--subjects", metavar="ID,ID", help="only these subjects (comma-separated; default: all, or those in --at)")
-        p.add_argument("--n-samples", type=_positive_int, help="draws per answer (default: the model's, 200)")
+        p.add_argument("--n-samples", type=_positive_int, help="draws per answer (default: the model's; 200 for a biomarker twin, 16 scans for a scan twin)")
         p.add_argument("--samples", action="store_true", help="keep the draws in the result (variable samples)")
         p.add_argument("--seed", type=int, help="seed of the draws (default: the model's); recorded in the result")
         writes(p, "RESULT.zarr")

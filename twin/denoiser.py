@@ -123,7 +123,8 @@ class ConditionalUNet(nn.Module):
     A U-Net with `levels` resolutions of widths width * 2^i, one FiLM residual block per level
     on the way down and up (GroupNorm, SiLU, 3x3[x3] convolutions), a middle block, stride-2
     convolutions down and nearest-neighbour upsampling plus a convolution up, skips by
-    concatenation. Input channels: 2C (x_t and the reference). The embedding that drives FiLM is
+    concatenation. Input channels: C + C_ref (x_t and the reference; C_ref = `reference_channels`,
+    C by default, more when the reference carries extra aligned maps). The embedding that drives FiLM is
     e = MLP(sinusoid(t)) + MLP([gap, state]), both of size `time_embedding`.
 
     generator: initialises the weights (torch's default schemes) from an explicit generator;
@@ -131,10 +132,12 @@ class ConditionalUNet(nn.Module):
     """
 
     def __init__(self, channels: int, dims: int = 2, width: int = 16, levels: int = 3, state_dim: int = 0,
-                 time_embedding: int = 64, *, generator: torch.Generator | None = None):
+                 time_embedding: int = 64, *, reference_channels: int | None = None,
+                 generator: torch.Generator | None = None):
         super().__init__()
+        reference_channels = channels if reference_channels is None else reference_channels
         for name, value, low in (("channels", channels, 1), ("width", width, 1), ("levels", levels, 1),
-                                 ("state_dim", state_dim, 0)):
+                                 ("state_dim", state_dim, 0), ("reference_channels", reference_channels, 1)):
             if not (isinstance(value, int) and value >= low):
                 raise ValueError(f"ConditionalUNet.{name} must be an integer >= {low}, got {value!r}")
         if dims not in (2, 3):
@@ -143,13 +146,14 @@ class ConditionalUNet(nn.Module):
             raise ValueError(f"ConditionalUNet.time_embedding must be an even integer >= 2, got {time_embedding!r}")
         self.channels, self.dims, self.width, self.levels = channels, dims, width, levels
         self.state_dim, self.time_embedding = state_dim, time_embedding
+        self.reference_channels = reference_channels
         E = time_embedding
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         widths = [width * 2**i for i in range(levels)]
 
         self.t_mlp = nn.Sequential(nn.Linear(E, E), nn.SiLU(), nn.Linear(E, E))
         self.c_mlp = nn.Sequential(nn.Linear(1 + state_dim, E), nn.SiLU(), nn.Linear(E, E))
-        self.input = conv(2 * channels, width, 3, padding=1)
+        self.input = conv(channels + reference_channels, width, 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         previous = width
@@ -180,7 +184,8 @@ class ConditionalUNet(nn.Module):
     def config(self) -> dict:
         """The constructor's arguments, JSON-able (for a checkpoint's config)."""
         return {"channels": self.channels, "dims": self.dims, "width": self.width, "levels": self.levels,
-                "state_dim": self.state_dim, "time_embedding": self.time_embedding}
+                "state_dim": self.state_dim, "time_embedding": self.time_embedding,
+                "reference_channels": self.reference_channels}
 
     def forward(self, x_t: Tensor, t: Tensor, condition: Condition) -> Tensor:
         """x_t (B, C, *space), t (B,) diffusion steps (long or float), condition for the same B -> (B, C, *space)."""
@@ -215,8 +220,9 @@ class ConditionalUNet(nn.Module):
         if x_t.dim() != 2 + self.dims or x_t.shape[1] != self.channels:
             axes = "y, x" if self.dims == 2 else "z, y, x"
             raise ValueError(f"x_t must be (B, {self.channels}, {axes}), got shape {tuple(x_t.shape)}")
-        if condition.reference.shape != x_t.shape:
-            raise ValueError(f"condition.reference must be shaped like x_t {tuple(x_t.shape)}, "
+        want = (x_t.shape[0], self.reference_channels, *x_t.shape[2:])
+        if tuple(condition.reference.shape) != want:
+            raise ValueError(f"condition.reference must be {want} (x_t's batch and space), "
                              f"got {tuple(condition.reference.shape)}")
         if tuple(t.shape) != (x_t.shape[0],):
             raise ValueError(f"t must be (B,) = ({x_t.shape[0]},), got shape {tuple(t.shape)}")

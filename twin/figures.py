@@ -1,13 +1,14 @@
 """Figures for people: one patient's visits over time, the twin's forecasts and its treatment scenarios.
 
 Plotting reads a cohort (or a subject's slice of one) and the twin's results (`docs/results-format.md`)
-and writes a PNG; it computes nothing that the library does not already provide. Time runs in
-years since the subject's baseline; results, which are on the cohort's clock, are shifted onto it.
+and returns a matplotlib `Figure`; it computes nothing that the library does not already provide,
+and writes nothing (`twin.report` saves and embeds figures). Figures are built as
+`matplotlib.figure.Figure` objects, not through pyplot, so they hold no global state and are freed
+like any object. Time runs in years since the subject's baseline; results, which are on the
+cohort's clock, are shifted onto it.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import xarray as xr
@@ -25,13 +26,10 @@ def _middle_slice(image: np.ndarray) -> np.ndarray:
     return np.flipud(image)
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _finite(a: np.ndarray) -> np.ndarray:
@@ -70,9 +68,9 @@ def _panel_label(ax, name: str, unit: str) -> None:
     ax.tick_params(labelsize=7)
 
 
-def plot_forecast(ds: xr.Dataset, result: xr.Dataset, subject: str, path: str | Path, *,
-                  seen: np.ndarray | None = None, reference: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                  fill: xr.Dataset | None = None, title: str | None = None) -> Path:
+def plot_forecast(ds: xr.Dataset, result: xr.Dataset, subject: str, *, seen: np.ndarray | None = None,
+                  reference: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, fill: xr.Dataset | None = None,
+                  title: str | None = None):
     """A fan chart per biomarker of one subject: the twin's mean with its central bands, over the visits.
 
     ds: the cohort holding the subject, with every visit (a simulated cohort's `truth_biomarkers`
@@ -81,9 +79,8 @@ def plot_forecast(ds: xr.Dataset, result: xr.Dataset, subject: str, path: str | 
     on (default: all observed); observed visits not seen are drawn hollow, as held out. reference:
     {label: (times on the cohort's clock (R,), values (R, B))}, drawn dashed (a baseline such as
     copy-last). fill: a fill result holding the subject: its means at the filled times as diamonds
-    with the outermost band as an error bar.
+    with the outermost band as an error bar. One axes per biomarker.
     """
-    plt = _pyplot()
     one = subject_slice(ds, subject)
     base = float(one["baseline_time"])
     times, observed = one["time"].values, one["observed"].values
@@ -93,7 +90,8 @@ def plot_forecast(ds: xr.Dataset, result: xr.Dataset, subject: str, path: str | 
     mean, q = res["mean"].values, _finite(res["quantiles"].values)  # (R, B), (Q, R, B)
     bands = _bands(result)
     names, units = [str(b) for b in one["biomarker"].values], _units(one)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.3), constrained_layout=True, squeeze=False)
+    fig = _figure(3.4 * len(names), 3.3)
+    axes = fig.subplots(1, len(names), squeeze=False)
     for b, ax in enumerate(axes[0]):
         for k, (lo, hi, cover) in enumerate(bands):
             ax.fill_between(t, q[lo, :, b], q[hi, :, b], color="tab:blue", alpha=0.15 + 0.2 * k, lw=0,
@@ -122,22 +120,22 @@ def plot_forecast(ds: xr.Dataset, result: xr.Dataset, subject: str, path: str | 
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 8), fontsize=7, frameon=False)
     fig.suptitle(title or f"{subject}: twin forecast", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
-def plot_scenario(ds: xr.Dataset, result: xr.Dataset, subject: str, path: str | Path, *,
-                  title: str | None = None) -> Path:
+def plot_scenario(ds: xr.Dataset, result: xr.Dataset, subject: str, *, title: str | None = None):
     """One subject under each arm of a scenario result: the twin's mean and the edges of its outermost band per arm.
 
     Arms named like the cohort's simulated scenarios (`factual`, `untreated`, `alternative`) get
     that scenario's `truth_biomarkers` drawn beside them, dashed with markers at the planned
     visits. Ticks along the bottom mark each arm's treatment events: the cohort's own for
     `factual`, the result's recorded schedules (`BiomarkerTwin.simulate` with explicit events)
-    for the others.
+    for the others. One axes per biomarker.
     """
     import json
 
-    plt = _pyplot()
+    import matplotlib
+
     one = subject_slice(ds, subject)
     base = float(one["baseline_time"])
     times = one["time"].values
@@ -149,10 +147,11 @@ def plot_scenario(ds: xr.Dataset, result: xr.Dataset, subject: str, path: str | 
     recorded = json.loads(result.attrs.get("scenario", "{}")).get("events", {})
     for arm, schedules in recorded.items():
         events[arm] = [float(e[0]) for e in schedules.get(subject, [])]
-    cycle = iter(c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c not in ARM_COLOURS.values())
+    cycle = iter(c for c in matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] if c not in ARM_COLOURS.values())
     colour = {arm: ARM_COLOURS.get(arm) or next(cycle) for arm in arms}
     names, units = [str(b) for b in one["biomarker"].values], _units(one)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.3), constrained_layout=True, squeeze=False)
+    fig = _figure(3.4 * len(names), 3.3)
+    axes = fig.subplots(1, len(names), squeeze=False)
     for b, ax in enumerate(axes[0]):
         for a, arm in enumerate(arms):
             q = _finite(res["quantiles"].isel(arm=a).values)
@@ -173,27 +172,12 @@ def plot_scenario(ds: xr.Dataset, result: xr.Dataset, subject: str, path: str | 
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 9), fontsize=7, frameon=False)
     fig.suptitle(title or f"{subject}: treatment scenarios (thin lines: twin {cover:.0%} band; ticks: treatment "
                           "events)", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
-def _save(fig, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_visits(ds: xr.Dataset, subject: str, path: str | Path, *, channel: str | None = None) -> Path:
+def plot_visits(ds: xr.Dataset, subject: str, *, channel: str | None = None):
     """One row per channel of acquired scans at every planned visit (missed ones marked), a row of
     noise-free truth where the cohort carries it, and the subject's biomarkers over time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     one = subject_slice(ds, subject).load()
     times = one["time"].values
     observed = one["observed"].values
@@ -205,7 +189,7 @@ def plot_visits(ds: xr.Dataset, subject: str, path: str | Path, *, channel: str 
         rows += [("truth_image", c) for c in channels[:1]]
     has_bio = "biomarkers" in one
     n_cols = max(len(times), 1)
-    fig = plt.figure(figsize=(1.9 * n_cols, 1.9 * len(rows) + (2.6 if has_bio else 0)), constrained_layout=True)
+    fig = _figure(1.9 * n_cols, 1.9 * len(rows) + (2.6 if has_bio else 0))
     grid = fig.add_gridspec(len(rows) + (1 if has_bio else 0), n_cols)
     clock_shift = float(one["baseline_time"])
     for r, (var, c) in enumerate(rows):
@@ -242,8 +226,4 @@ def plot_visits(ds: xr.Dataset, subject: str, path: str | Path, *, channel: str 
         ax.set_ylabel("value / max")
         ax.legend(fontsize=7, ncol=4, loc="best")
     fig.suptitle(f"{subject}: {int(observed.sum())} visits observed, {int((~observed).sum())} missed", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
