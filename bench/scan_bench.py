@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=None, help="per cohort (default 80; --quick 24)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--factor", type=int, default=None, help="image voxels per change-code cell (default DecoderConfig's)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = parser.parse_args()
 
@@ -73,7 +74,7 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
     out = {}
     for name in args.cohorts.split(","):
-        out[name] = run_cohort(name, subjects, args.seed, args.quick)
+        out[name] = run_cohort(name, subjects, args.seed, args.quick, args.factor)
     criteria(out)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=float))
@@ -90,7 +91,7 @@ def simulate(name: str, n: int, seed: int):
     return simulate_cohort(name, n, 2, seed, config=config, progress=False)
 
 
-def run_cohort(name: str, n: int, seed: int, quick: bool) -> dict:
+def run_cohort(name: str, n: int, seed: int, quick: bool, factor: int | None = None) -> dict:
     from twin import ScanConfig, ScanTwin, TwinConfig
     from twin.metrics import holdout_subjects
     from twin.scan_decoder import DecoderConfig
@@ -105,7 +106,8 @@ def run_cohort(name: str, n: int, seed: int, quick: bool) -> dict:
           f"{int(train['observed'].sum())} observed visits; {int(test.sum())} held out")
     config = ScanConfig(dynamics=TwinConfig(iterations=200 if quick else 600),
                         decoder=DecoderConfig(basis_iterations=300 if quick else 1000,
-                                              iterations=300 if quick else 1500))
+                                              iterations=300 if quick else 1500,
+                                              **({"factor": factor} if factor else {})))
     t0 = time.perf_counter()
     twin = ScanTwin.fit(train, config, progress=False)
     fit_s = time.perf_counter() - t0

@@ -337,17 +337,21 @@ class BiomarkerTwin:
              samples: bool = False, seed: int | None = None) -> xr.Dataset:
         """Biomarkers at each subject's missed planned visits (observed False, finite time), or `at`."""
         if at is None:
-            pick = self._subjects(ds, subjects)
-            one = ds.isel(subject=pick)
-            missed = ~one["observed"].values & np.isfinite(one["time"].values)
-            base = one["baseline_time"].values
-            at = {str(s): list(base[i] + one["time"].values[i][missed[i]])
-                  for i, s in enumerate(one["subject"].values) if missed[i].any()}
-            if not at:
-                raise InputError("no missed visits to fill in these subjects; give times to fill (at)",
-                                 source="cohort", field="observed")
+            at = self.missed_visits(ds, subjects)
             subjects = list(at)
         return self._answer("fill", ds, subjects, None, at, n_samples, samples, seed)
+
+    def missed_visits(self, ds: xr.Dataset, subjects=None) -> dict[str, list[float]]:
+        """{subject: clock times of its missed planned visits} (observed False, finite time)."""
+        one = ds.isel(subject=self._subjects(ds, subjects))
+        missed = ~one["observed"].values & np.isfinite(one["time"].values)
+        base = one["baseline_time"].values
+        at = {str(s): list(base[i] + one["time"].values[i][missed[i]])
+              for i, s in enumerate(one["subject"].values) if missed[i].any()}
+        if not at:
+            raise InputError("no missed visits to fill in these subjects; give times to fill (at)",
+                             source="cohort", field="observed")
+        return at
 
     def simulate(self, ds: xr.Dataset, scenario, subjects: Sequence[str] | None = None, *,
                  horizons: Sequence[float] | None = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0), at=None,
@@ -361,20 +365,26 @@ class BiomarkerTwin:
         treatment under that arm (a simulated cohort's `alternative_event_*`, a trial's arms);
         every asked subject needs an entry in every arm ([] for none).
         """
+        scenario = self.scenario(scenario)
+        return self._answer("scenario", ds, subjects, None if at is not None else horizons, at, n_samples, samples,
+                            seed, scenario=scenario)
+
+    def scenario(self, scenario):
+        """A ScenarioSet or checked explicit arms from what `simulate` takes; agents the model
+        never saw are an error naming the arm."""
         from twin.scenarios import ScenarioSet, load_scenarios
 
         if isinstance(scenario, Mapping):
-            scenario = _explicit_arms(scenario)
-        elif not isinstance(scenario, ScenarioSet):
+            return _explicit_arms(scenario)
+        if not isinstance(scenario, ScenarioSet):
             scenario = load_scenarios(scenario)
-        for arm in scenario.arms if isinstance(scenario, ScenarioSet) else ():
+        for arm in scenario.arms:
             unknown = [a for a in arm.schedule.agents() if a not in self.standardiser.agents]
             if unknown:
                 known = ", ".join(self.standardiser.agents) or "none"
                 raise InputError(f"the model knows no effect of agent {unknown[0]!r} (it was trained on: {known})",
                                  source=scenario.name, field=f"arms.{arm.name}")
-        return self._answer("scenario", ds, subjects, None if at is not None else horizons, at, n_samples, samples,
-                            seed, scenario=scenario)
+        return scenario
 
     def _answer(self, kind, ds, subjects, horizons, at, n_samples, samples, seed, scenario=None) -> xr.Dataset:
         d = self.draws(ds, subjects, horizons=horizons, at=at, n_samples=n_samples, seed=seed, scenario=scenario,

@@ -4,7 +4,7 @@ A scan at time t is generated from the nearest observed scan (the reference, at 
 change code c (`twin.change_code`: a low-resolution velocity field, integrated into a
 diffeomorphism, plus a bounded intensity residual; nothing changes outside the brain mask):
 
-    c = mu + sigma * e,      mu = sum_k (y_k(t) - y_k(t_ref)) B_k(ref) + (t - t_ref) B_0(ref)
+    c = mu + sigma * e,      mu = sum_k (y_k(t) - y_k(t_ref)) B_k(ref, y(t_ref)) + (t - t_ref) B_0(ref, y(t_ref))
     e ~ p(e | ref, mu, y(t_ref), y(t) - y(t_ref), t - t_ref)              (the diffusion model)
 
 - mu is the change the dynamics explain: y is the patient state in standardised biomarker units
@@ -106,10 +106,11 @@ class Pairs:
 
 
 class ChangeBasis(nn.Module):
-    """Reference scan (B, C, *space) and mask -> change fields (B, K + 1, code channels, *grid).
+    """Reference scan (B, C, *space), mask and state at the reference (B, K) -> change fields
+    (B, K + 1, code channels, *grid).
 
     The scan enters on the code grid, as each cell's mean, its variance (edges: where the
-    tissue boundaries that move lie) and its brain fraction; dilated 3x3 convolutions then
+    tissue boundaries that move lie) and its brain fraction, with the state; dilated 3x3 convolutions then
     widen the view to the whole brain slice (ventricles push tissue centimetres away). Working
     on the coarse grid keeps training cheap on a CPU. The last layer starts at zero: an
     untrained basis predicts no change.
@@ -120,7 +121,7 @@ class ChangeBasis(nn.Module):
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         self.dims, self.channels, self.state_dim, self.factor = dims, channels, state_dim, factor
         self.out_channels = code_channels(dims, channels)
-        layers: list[nn.Module] = [conv(2 * channels + 1, width, 3, padding=1), nn.SiLU()]
+        layers: list[nn.Module] = [conv(2 * channels + 1 + state_dim, width, 3, padding=1), nn.SiLU()]
         for dilation in (1, 2, 4, 1):
             layers += [conv(width, width, 3, padding=dilation, dilation=dilation), nn.SiLU()]
         layers.append(conv(width, (state_dim + 1) * self.out_channels, 1))
@@ -128,11 +129,14 @@ class ChangeBasis(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, reference: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, reference: Tensor, mask: Tensor, state_ref: Tensor) -> Tensor:
         mean = pool_to_grid(reference, self.factor)
         variance = (pool_to_grid(reference * reference, self.factor) - mean * mean).clamp(min=0)
         inside = pool_to_grid(mask[:, None].to(reference.dtype), self.factor)
-        h = self.net(torch.cat([mean, variance, inside], dim=1))
+        # the stage at the reference, as constant maps: how far a tumour spreads per unit of growth
+        # depends on how large it already is
+        stage = state_ref.to(mean.dtype).reshape(*state_ref.shape, *[1] * self.dims).expand(-1, -1, *mean.shape[2:])
+        h = self.net(torch.cat([mean, variance, inside, stage], dim=1))
         return h.reshape(h.shape[0], self.state_dim + 1, self.out_channels, *h.shape[2:])
 
     def mean(self, basis: Tensor, state_change: Tensor, gap: Tensor) -> Tensor:
@@ -182,15 +186,16 @@ class ScanDecoder(nn.Module):
         grid_mask = torch.ones((1, *grid_ref.shape[2:]), dtype=torch.bool)
         return Condition(grid_ref, gap.to(grid_ref.dtype), state.to(grid_ref.dtype), grid_mask)
 
-    def mean_code(self, reference: Tensor, mask: Tensor, state_change: Tensor, gap: Tensor) -> Tensor:
-        return self.basis.mean(self.basis(reference, mask), state_change, gap)
+    def mean_code(self, reference: Tensor, mask: Tensor, state_ref: Tensor, state_change: Tensor, gap: Tensor) -> Tensor:
+        """mu (B, code channels, *grid): the change the state explains (see the module notes)."""
+        return self.basis.mean(self.basis(reference, mask, state_ref), state_change, gap)
 
     @torch.no_grad()
     def sample_codes(self, reference: Tensor, mask: Tensor, state_ref: Tensor, state_change: Tensor, gap: Tensor,
                      generator: torch.Generator, *, x_T: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One draw per item: (code, mu), each (B, code channels, *grid); code = mu + a diffusion draw
         of the residual, mu the mean change the state explains."""
-        mu = self.mean_code(reference, mask, state_change, gap)
+        mu = self.mean_code(reference, mask, state_ref, state_change, gap)
         condition = self._condition(reference, mask, mu, state_ref, state_change, gap)
         sampler = DPMSolverSampler(self.schedule, self.config.sampler_steps)
         e = sample(self.denoiser, tuple(mu.shape), condition, sampler, generator, x_T=x_T)
@@ -208,8 +213,6 @@ class ScanDecoder(nn.Module):
         Returns the training record: final losses and the share of the codes' variance the
         mean change explains. Draws (batches, diffusion steps, noise) come from `config.seed`.
         """
-        from tqdm.auto import tqdm
-
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed)
         n = pairs.code.shape[0]
@@ -220,24 +223,16 @@ class ScanDecoder(nn.Module):
         raw_scale = pairs.code.transpose(0, 1).reshape(self.code_channels, -1).std(dim=1).clamp(min=1e-6)
         weight = 1.0 / raw_scale.view(shape) ** 2
 
-        optimiser = torch.optim.Adam(self.basis.parameters(), lr=cfg.lr)
-        bar = tqdm(range(cfg.basis_iterations), desc="decoder: mean change", disable=not progress, leave=False)
-        basis_loss = float("nan")
-        for step in bar:
-            idx = torch.randint(0, n, (min(cfg.batch, n),), generator=generator)
-            mu = self.mean_code(pairs.reference[idx], pairs.mask[idx], pairs.state_change[idx], pairs.gap[idx])
-            loss = (weight * (mu - pairs.code[idx]) ** 2).mean()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            basis_loss = loss.item()
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{basis_loss:.4f}")
-        for p in self.basis.parameters():
-            p.requires_grad_(False)
+        def mean_change_loss(idx):  # least squares on the codes, each channel in units of its spread
+            mu = self.mean_code(pairs.reference[idx], pairs.mask[idx], pairs.state_ref[idx], pairs.state_change[idx],
+                                pairs.gap[idx])
+            return (weight * (mu - pairs.code[idx]) ** 2).mean()
+
+        basis_loss = _train(self.basis, mean_change_loss, cfg.basis_iterations, n, cfg, generator,
+                            "decoder: mean change", progress)
 
         with torch.no_grad():
-            mu_all = torch.cat([self.mean_code(pairs.reference[i:i + 256], pairs.mask[i:i + 256],
+            mu_all = torch.cat([self.mean_code(pairs.reference[i:i + 256], pairs.mask[i:i + 256], pairs.state_ref[i:i + 256],
                                                pairs.state_change[i:i + 256], pairs.gap[i:i + 256])
                                 for i in range(0, n, 256)])
             residual = pairs.code - mu_all
@@ -245,25 +240,39 @@ class ScanDecoder(nn.Module):
             explained = 1 - float((residual ** 2).sum() / ((pairs.code - pairs.code.mean(0)) ** 2).sum())
             e = residual / self.sigma.view(shape)
 
-        optimiser = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, cfg.iterations)
-        bar = tqdm(range(cfg.iterations), desc="decoder: diffusion", disable=not progress, leave=False)
-        diffusion_loss = float("nan")
-        for step in bar:
-            idx = torch.randint(0, n, (min(cfg.batch, n),), generator=generator)
+        def denoising_loss(idx):
             condition = self._condition(pairs.reference[idx], pairs.mask[idx], mu_all[idx], pairs.state_ref[idx],
                                         pairs.state_change[idx], pairs.gap[idx])
-            loss = training_loss(self.denoiser, e[idx], condition, self.schedule, generator)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            diffusion_loss = loss.item()
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{diffusion_loss:.4f}")
-            if on_step is not None:
-                on_step(step, diffusion_loss)
-        for p in self.denoiser.parameters():
-            p.requires_grad_(False)
+            return training_loss(self.denoiser, e[idx], condition, self.schedule, generator)
+
+        diffusion_loss = _train(self.denoiser, denoising_loss, cfg.iterations, n, cfg, generator,
+                                "decoder: diffusion", progress, cosine=True, on_step=on_step)
         return {"basis_loss": basis_loss, "diffusion_loss": diffusion_loss, "explained_variance": explained,
                 "pairs": n}
+
+
+def _train(module: nn.Module, loss_of, iterations: int, n: int, cfg: DecoderConfig, generator: torch.Generator,
+           desc: str, progress: bool, *, cosine: bool = False, on_step=None) -> float:
+    """Adam on `loss_of(batch indices)` over random batches of the n pairs; the module is frozen after.
+    Returns the last loss."""
+    from tqdm.auto import tqdm
+
+    optimiser = torch.optim.Adam(module.parameters(), lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, iterations) if cosine else None
+    bar = tqdm(range(iterations), desc=desc, disable=not progress, leave=False)
+    last = float("nan")
+    for step in bar:
+        loss = loss_of(torch.randint(0, n, (min(cfg.batch, n),), generator=generator))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if schedule is not None:
+            schedule.step()
+        last = loss.item()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{last:.4f}")
+        if on_step is not None:
+            on_step(step, last)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return last

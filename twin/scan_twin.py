@@ -265,15 +265,7 @@ class ScanTwin:
              samples: bool = False, seed: int | None = None) -> xr.Dataset:
         """Scans and biomarkers at each subject's missed planned visits (or `at`), from the nearest scan."""
         if at is None:
-            pick = self.dynamics._subjects(ds, subjects)
-            one = ds.isel(subject=pick)
-            missed = ~one["observed"].values & np.isfinite(one["time"].values)
-            base = one["baseline_time"].values
-            at = {str(s): list(base[i] + one["time"].values[i][missed[i]])
-                  for i, s in enumerate(one["subject"].values) if missed[i].any()}
-            if not at:
-                raise InputError("no missed visits to fill in these subjects; give times to fill (at)",
-                                 source="cohort", field="observed")
+            at = self.dynamics.missed_visits(ds, subjects)
             subjects = list(at)
         return self._answer("fill", ds, subjects, None, at, n_samples, samples, seed)
 
@@ -282,19 +274,7 @@ class ScanTwin:
                  seed: int | None = None) -> xr.Dataset:
         """Each subject under its own schedule and under each arm of `scenario` (as
         `BiomarkerTwin.simulate`), with scans per arm and `scan_effect_mean` = arm - factual."""
-        from twin.scenarios import ScenarioSet, load_scenarios
-
-        from .biomarker_twin import _explicit_arms
-
-        if isinstance(scenario, Mapping):
-            scenario = _explicit_arms(scenario)
-        elif not isinstance(scenario, ScenarioSet):
-            scenario = load_scenarios(scenario)
-        for arm in scenario.arms if isinstance(scenario, ScenarioSet) else ():
-            unknown = [a for a in arm.schedule.agents() if a not in self.dynamics.standardiser.agents]
-            if unknown:
-                raise InputError(f"the model knows no effect of agent {unknown[0]!r}", source=scenario.name,
-                                 field=f"arms.{arm.name}")
+        scenario = self.dynamics.scenario(scenario)
         return self._answer("scenario", ds, subjects, None if at is not None else horizons, at, n_samples,
                             samples, seed, scenario=scenario)
 
