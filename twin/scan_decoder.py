@@ -4,14 +4,15 @@ A scan at time t is generated from the nearest observed scan (the reference, at 
 change code c (`twin.change_code`: a low-resolution velocity field, integrated into a
 diffeomorphism, plus a bounded intensity residual; nothing changes outside the brain mask):
 
-    c = mu + sigma * e,      mu = sum_k (y_k(t) - y_k(t_ref)) B_k(ref, y(t_ref)) + (t - t_ref) B_0(ref, y(t_ref))
+    c = mu + sigma * e,      mu = sum_k (y_k(t) - y_k(t_ref)) B_k(ref, y(t_ref))
     e ~ p(e | ref, mu, y(t_ref), y(t) - y(t_ref), t - t_ref)              (the diffusion model)
 
 - mu is the change the dynamics explain: y is the patient state in standardised biomarker units
-  (the biomarker twin's noise-free draws), and the change fields B_k (one per state dimension,
-  plus a drift per year B_0) are read off the reference scan by a small convolutional network
+  (the biomarker twin's noise-free draws), and the change fields B_k (one per state dimension)
+  are read off the reference scan and the stage there by a small convolutional network
   (`ChangeBasis`). Linear in the state change by construction: no progression, no change, and a
-  twice larger progression is a twice larger velocity. Fitted by least squares on the codes of
+  twice larger progression is a twice larger velocity. (A drift per year beside them was tried
+  and dropped: on atrophy it learned registration artefacts, on glioma it added nothing.) Fitted by least squares on the codes of
   observed visit pairs (`twin.registration`), so the noise of single registrations averages out
   over the cohort instead of being learned.
 - e is what the state does not explain (registration and acquisition variability, the shape of
@@ -107,7 +108,7 @@ class Pairs:
 
 class ChangeBasis(nn.Module):
     """Reference scan (B, C, *space), mask and state at the reference (B, K) -> change fields
-    (B, K + 1, code channels, *grid).
+    (B, K, code channels, *grid).
 
     The scan enters on the code grid, as each cell's mean, its variance (edges: where the
     tissue boundaries that move lie) and its brain fraction, with the state; dilated 3x3 convolutions then
@@ -124,7 +125,7 @@ class ChangeBasis(nn.Module):
         layers: list[nn.Module] = [conv(2 * channels + 1 + state_dim, width, 3, padding=1), nn.SiLU()]
         for dilation in (1, 2, 4, 1):
             layers += [conv(width, width, 3, padding=dilation, dilation=dilation), nn.SiLU()]
-        layers.append(conv(width, (state_dim + 1) * self.out_channels, 1))
+        layers.append(conv(width, state_dim * self.out_channels, 1))
         self.net = nn.Sequential(*layers)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
@@ -137,12 +138,12 @@ class ChangeBasis(nn.Module):
         # depends on how large it already is
         stage = state_ref.to(mean.dtype).reshape(*state_ref.shape, *[1] * self.dims).expand(-1, -1, *mean.shape[2:])
         h = self.net(torch.cat([mean, variance, inside, stage], dim=1))
-        return h.reshape(h.shape[0], self.state_dim + 1, self.out_channels, *h.shape[2:])
+        return h.reshape(h.shape[0], self.state_dim, self.out_channels, *h.shape[2:])
 
-    def mean(self, basis: Tensor, state_change: Tensor, gap: Tensor) -> Tensor:
-        """mu (B, code channels, *grid) = sum_k dy_k B_k + gap B_0, for basis (B, K + 1, ...)."""
-        weights = torch.cat([state_change, gap[:, None]], dim=1)  # (B, K + 1)
-        return torch.einsum("bk,bk...->b...", weights.to(basis.dtype), basis)
+    @staticmethod
+    def mean(basis: Tensor, state_change: Tensor) -> Tensor:
+        """mu (B, code channels, *grid) = sum_k dy_k B_k, for basis (B, K, ...) and dy (B, K)."""
+        return torch.einsum("bk,bk...->b...", state_change.to(basis.dtype), basis)
 
 
 def pool_to_grid(x: Tensor, factor: int) -> Tensor:
@@ -186,16 +187,16 @@ class ScanDecoder(nn.Module):
         grid_mask = torch.ones((1, *grid_ref.shape[2:]), dtype=torch.bool)
         return Condition(grid_ref, gap.to(grid_ref.dtype), state.to(grid_ref.dtype), grid_mask)
 
-    def mean_code(self, reference: Tensor, mask: Tensor, state_ref: Tensor, state_change: Tensor, gap: Tensor) -> Tensor:
+    def mean_code(self, reference: Tensor, mask: Tensor, state_ref: Tensor, state_change: Tensor) -> Tensor:
         """mu (B, code channels, *grid): the change the state explains (see the module notes)."""
-        return self.basis.mean(self.basis(reference, mask, state_ref), state_change, gap)
+        return self.basis.mean(self.basis(reference, mask, state_ref), state_change)
 
     @torch.no_grad()
     def sample_codes(self, reference: Tensor, mask: Tensor, state_ref: Tensor, state_change: Tensor, gap: Tensor,
                      generator: torch.Generator, *, x_T: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One draw per item: (code, mu), each (B, code channels, *grid); code = mu + a diffusion draw
         of the residual, mu the mean change the state explains."""
-        mu = self.mean_code(reference, mask, state_ref, state_change, gap)
+        mu = self.mean_code(reference, mask, state_ref, state_change)
         condition = self._condition(reference, mask, mu, state_ref, state_change, gap)
         sampler = DPMSolverSampler(self.schedule, self.config.sampler_steps)
         e = sample(self.denoiser, tuple(mu.shape), condition, sampler, generator, x_T=x_T)
@@ -224,8 +225,7 @@ class ScanDecoder(nn.Module):
         weight = 1.0 / raw_scale.view(shape) ** 2
 
         def mean_change_loss(idx):  # least squares on the codes, each channel in units of its spread
-            mu = self.mean_code(pairs.reference[idx], pairs.mask[idx], pairs.state_ref[idx], pairs.state_change[idx],
-                                pairs.gap[idx])
+            mu = self.mean_code(pairs.reference[idx], pairs.mask[idx], pairs.state_ref[idx], pairs.state_change[idx])
             return (weight * (mu - pairs.code[idx]) ** 2).mean()
 
         basis_loss = _train(self.basis, mean_change_loss, cfg.basis_iterations, n, cfg, generator,
@@ -233,7 +233,7 @@ class ScanDecoder(nn.Module):
 
         with torch.no_grad():
             mu_all = torch.cat([self.mean_code(pairs.reference[i:i + 256], pairs.mask[i:i + 256], pairs.state_ref[i:i + 256],
-                                               pairs.state_change[i:i + 256], pairs.gap[i:i + 256])
+                                               pairs.state_change[i:i + 256])
                                 for i in range(0, n, 256)])
             residual = pairs.code - mu_all
             self.sigma.copy_(residual.transpose(0, 1).reshape(self.code_channels, -1).std(dim=1).clamp(min=1e-6))
