@@ -43,7 +43,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ import torch
 import xarray as xr
 
 from twin.errors import InputError
+from twin.settings import known_settings
 
 from .amortise import Amortiser, AmortiserConfig, amortised_posterior, fit_amortiser
 from .checkpoint import flatten_optimiser, has_checkpoint, read_checkpoint, unflatten_optimiser, write_checkpoint
@@ -137,12 +138,7 @@ class TwinConfig:
     @classmethod
     def from_dict(cls, d: Mapping, *, source: str = "TwinConfig") -> TwinConfig:
         """From a mapping (JSON); unknown keys raise, missing ones take their defaults."""
-        if not isinstance(d, Mapping):
-            raise InputError(f"expected a mapping of settings, got {type(d).__name__}", source=source)
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise InputError(f"unknown setting(s) {unknown}; expected some of {known}", source=source, field=unknown[0])
+        d = known_settings(cls, d, source=source)
         return cls(**{k: tuple(v) if k == "quantiles" and isinstance(v, list) else v for k, v in d.items()})
 
 

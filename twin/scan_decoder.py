@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twin.errors import InputError
+from twin.settings import known_settings
 
 from .change_code import code_channels, decode
 from .denoiser import Condition, ConditionalUNet
@@ -82,11 +83,8 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping, *, source: str = "DecoderConfig") -> DecoderConfig:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise InputError(f"unknown setting(s) {unknown}; expected some of {known}", source=source, field=unknown[0])
-        return cls(**d)
+        """From a mapping (JSON); unknown keys raise, missing ones take their defaults."""
+        return cls(**known_settings(cls, d, source=source))
 
 
 @dataclass(frozen=True)

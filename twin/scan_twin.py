@@ -45,6 +45,7 @@ import torch
 import xarray as xr
 
 from twin.errors import InputError
+from twin.settings import known_settings
 
 from .biomarker_twin import BiomarkerTwin, Draws, TwinConfig, cohort_fingerprint
 from .checkpoint import has_checkpoint, read_checkpoint, write_checkpoint
@@ -94,13 +95,8 @@ class ScanConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping, *, source: str = "ScanConfig") -> ScanConfig:
-        if not isinstance(d, Mapping):
-            raise InputError(f"expected a mapping of settings, got {type(d).__name__}", source=source)
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise InputError(f"unknown setting(s) {unknown}; expected some of {known}", source=source, field=unknown[0])
-        d = dict(d)
+        """From a mapping (JSON); unknown keys raise (in the nested parts too), missing ones take defaults."""
+        d = known_settings(cls, d, source=source)
         if "dynamics" in d:
             d["dynamics"] = TwinConfig.from_dict(d["dynamics"], source=f"{source}: dynamics")
         if "decoder" in d:
