@@ -557,7 +557,7 @@ def _scan_twin(out: Path, *, seed: int, n_subjects: int, held_out: int, config, 
         ("Scan twin: forecasts of held-out patients", [
             f"The {len(shown)} held-out patients whose tumours changed most, forecast {ahead_words} after "
             f"the cut at {_years(SCAN_CUT)} (from their scans up to the visit planned then). Top row: every scan "
-            f"acquired, those after {_years(SCAN_CUT)} unseen by the twin; then the predicted mean, the per-voxel "
+            f"acquired, those after {_years(SCAN_CUT)} unseen by the twin; then the point forecast, the per-voxel "
             "predictive sd, and the predicted change from the last seen scan. Channel T1c: the enhancing tumour is "
             "bright.", *timelines]),
         ("Scan twin: tumour volume", [

@@ -33,7 +33,7 @@ def scan_timeline(result: xr.Dataset, subject: str, cohort: xr.Dataset | None = 
     nearest the requested time if one lies within `MATCH` (0.1) years of it (it may be a visit the
     twin did not see, such as a held-out later one), else a blank axis reading "not observed"
     (always blank without `cohort`: image (subject, visit, channel, *space), time, observed,
-    baseline_time); (2) the predicted mean; (3) the per-voxel predictive sd; (4) mean - that
+    baseline_time); (2) the point forecast (scan_mean); (3) the per-voxel predictive sd; (4) mean - that
     request's reference scan (diverging, symmetric limits). Rows 1 and 2 share one intensity scale.
     Each colour bar has its own narrow column on the right: intensity (rows 1-2), sd, change.
     `channel` defaults to the first, `arm` (scenario results) to `factual`. Width about 2.2 inches
@@ -82,7 +82,7 @@ def scan_timeline(result: xr.Dataset, subject: str, cohort: xr.Dataset | None = 
                      _image(fig.add_subplot(grid[2, 1 + r]), spread[r], SPREAD, (0.0, top or 1.0), ""),
                      _image(fig.add_subplot(grid[3, 1 + r]), change[r], CHANGE, (-bound, bound), frm)))
     # The row names fill column 0's empty cells, so no label widens the gap before column 1.
-    for k, label in enumerate(("predicted mean", "predictive sd", "change from\nreference")):
+    for k, label in enumerate(("point forecast", "predictive sd", "change from\nreference")):
         _blank(fig.add_subplot(grid[1 + k, 0]), label, right=True)
     for where, image, label in ((grid[0:2, -1], first, "intensity"), (grid[2, -1], rows[0][1], "sd"),
                                 (grid[3, -1], rows[0][2], "change")):
