@@ -155,3 +155,13 @@ def test_3d_cohort_end_to_end():
     assert r["scan_mean"].dims[-3:] == ("z", "y", "x") and r["scan_mean"].shape == (1, 1, 1, 32, 32, 32)
     outside = ~ds["mask"].values[0].astype(bool)
     assert np.array_equal(r["scan_mean"].values[0, 0, 0][outside], r["reference_scan"].values[0, 0, 0][outside])
+
+
+def test_a_subject_without_scans_is_refused_by_name(cohort, fitted):
+    twin, _ = fitted
+    blank = cohort.copy(deep=True)
+    image = blank["image"].values
+    image[1] = np.nan  # sim-0002 lost every scan (its biomarkers stay)
+    blank["image"] = (blank["image"].dims, image)
+    with pytest.raises(InputError, match="sim-0002.*no observed scan"):
+        twin.forecast(blank, ["sim-0002"], horizons=[1.0])
