@@ -707,6 +707,7 @@ def _with_scans(result: xr.Dataset, twin: ScanTwin, draws: ScanDraws, samples: b
     per_arm: dict[str, list] = {k: [] for k in ("mean", "q", "spread", "vmean", "vq", "flags", "effect", "veffect")}
     reasons = []
     factual_vols = None
+    reference_volumes = _measured(draws.reference, draws.mask, one, twin.channels)  # (S, R, structures), every arm's
     for a, arm in enumerate(draws.dynamics.arms):
         scans = draws.scans[a]
         per_arm["mean"].append(draws.point[a])
@@ -723,7 +724,7 @@ def _with_scans(result: xr.Dataset, twin: ScanTwin, draws: ScanDraws, samples: b
         else:
             per_arm["effect"].append(draws.point[a] - draws.point[0])
             per_arm["veffect"].append((vols - factual_vols).mean(0))
-        flags, why = _scan_flags(twin, draws, a, vols, one)
+        flags, why = _scan_flags(twin, draws, a, vols, reference_volumes, one)
         per_arm["flags"].append(flags)
         reasons += [f"arm {arm}: {w}" for w in why] if scenario else why
     lead = ("arm",) if scenario else ()
@@ -786,13 +787,13 @@ def _calibrated(draws: np.ndarray, qs: list[float], factors: dict, centre: np.nd
     return out
 
 
-def _scan_flags(twin: ScanTwin, draws: ScanDraws, arm: int, vols: np.ndarray, one: xr.Dataset):
-    """(checks, S, R) flags and their reasons: folding, volume rate, state distance."""
+def _scan_flags(twin: ScanTwin, draws: ScanDraws, arm: int, vols: np.ndarray, ref_vol: np.ndarray, one: xr.Dataset):
+    """(checks, S, R) flags and their reasons: folding, volume rate (against the reference scans' volumes
+    ref_vol (S, R, structures)), state distance."""
     S, R = draws.dynamics.since.shape
     valid = np.isfinite(draws.dynamics.since)
     flags = np.zeros((len(SCAN_CHECKS), S, R), bool)
     flags[0] = draws.folded[arm].any(0) & valid
-    ref_vol = _measured(draws.reference, draws.mask, one, twin.channels)  # (S, R, structures)
     gap = np.abs(draws.dynamics.since - draws.reference_since)
     limit = np.asarray([np.inf if v is None else v for v in twin.limits["volume_rate"]])
     with np.errstate(invalid="ignore", divide="ignore"):
