@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python bench/biomarker_bench.py
 	$(BIN)/python bench/scan_bench.py
 	$(BIN)/python bench/simulate_bench.py
+	$(BIN)/python bench/evaluate_bench.py
 
 clean:
 	rm -rf $(VENV) twin-demo

@@ -66,9 +66,9 @@ def twin(ds):
 
 def test_forecast_shapes_coords_and_ordered_quantiles(twin, ds):
     r = twin.forecast(ds, ["s03", "s01"], horizons=[1.0, 0.5])
-    assert dict(r.sizes) == {"subject": 2, "request": 2, "biomarker": 2, "quantile": 5, "check": 5}
+    assert dict(r.sizes) == {"subject": 2, "request": 2, "biomarker": 2, "quantile": 9, "check": 5}
     assert list(r["subject"].values) == ["s01", "s03"]  # cohort order, not request order
-    assert list(r["quantile"].values) == [0.05, 0.25, 0.5, 0.75, 0.95]
+    assert list(r["quantile"].values) == [0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.975]
     assert list(r["biomarker"].values) == ["volume", "score"] and list(r["biomarker_unit"].values) == ["mL", "points"]
     one = ds.sel(subject="s01")
     last = float(one["time"].where(one["observed"]).max())
@@ -168,7 +168,7 @@ def test_config_is_strict():
         TwinConfig(quantiles=(0.1, 0.5, 0.8))
     with pytest.raises(InputError, match="calibration_fraction"):
         TwinConfig(calibration_fraction=1.0)
-    assert TwinConfig().band_levels == (0.9, 0.5)
+    assert TwinConfig().band_levels == (0.95, 0.9, 0.8, 0.5)
 
 
 def test_result_round_trip_and_table(twin, ds, tmp_path):
@@ -179,13 +179,13 @@ def test_result_round_trip_and_table(twin, ds, tmp_path):
     with pytest.raises(InputError, match="already exists"):
         write_result(r, path)
     rows = list(csv.reader(open(export_result_table(back, tmp_path / "r.csv"))))
-    assert rows[0] == ["subject", "time", "biomarker", "mean", "q05", "q25", "q50", "q75", "q95"]
+    assert rows[0] == ["subject", "time", "biomarker", "mean", "q2.5", "q05", "q10", "q25", "q50", "q75", "q90", "q95", "q97.5"]
     assert len(rows) == 1 + 2 * 2 * 2
     assert rows[1][:3] == ["s00", repr(float(r["time"].values[0, 0])), "volume"]
     assert float(rows[1][3]) == float(r["mean"].values[0, 0, 0])
     s = twin.simulate(ds, scenarios(), ["s01"], horizons=[1])
     rows = list(csv.reader(open(export_result_table(s, tmp_path / "s.csv"))))
-    assert rows[0][:4] == ["subject", "arm", "time", "biomarker"] and rows[0][-1] == "effect_q95"
+    assert rows[0][:4] == ["subject", "arm", "time", "biomarker"] and rows[0][-1] == "effect_q97.5"
     assert [row[1] for row in rows[1:]] == ["factual", "factual", "stop", "stop", "double", "double"]
 
 

@@ -44,7 +44,7 @@ def test_train_forecast_export_end_to_end(trained, capsys):
                  "-o", str(r / "f.zarr")]) == 0
     assert main(["export", "table", str(r / "f.zarr"), "-o", str(r / "f.csv")]) == 0
     rows = list(csv.reader(open(r / "f.csv")))
-    assert rows[0] == ["subject", "time", "biomarker", "mean", "q05", "q25", "q50", "q75", "q95"]
+    assert rows[0] == ["subject", "time", "biomarker", "mean", "q2.5", "q05", "q10", "q25", "q50", "q75", "q90", "q95", "q97.5"]
     assert len(rows) == 1 + 2 * 2 * 7 and {row[0] for row in rows[1:]} == {"GS-001", "GS-002"}
     for row in rows[1:]:
         q = [float(v) for v in row[4:]]

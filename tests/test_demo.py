@@ -81,7 +81,8 @@ def test_report_is_self_contained_and_embeds_every_figure(demo):
         "biomarker-twin-forecasts-of-held-out-patients-2.png", "biomarker-twin-filling-a-missed-visit.png",
         "biomarker-twin-treatment-scenarios.png", "scan-twin-forecasts-of-held-out-patients.png",
         "scan-twin-forecasts-of-held-out-patients-2.png", "scan-twin-tumour-volume.png",
-        "scan-twin-filling-a-visit.png", "scan-twin-treatment-scenarios.png"])  # the stale one is gone
+        "scan-twin-filling-a-visit.png", "scan-twin-treatment-scenarios.png",
+        "scan-twin-evaluation-calibration.png", "scan-twin-evaluation-hallucination-detection.png"])  # the stale one is gone
     embedded = [v for tag, name, v in links.links if tag == "img" and v.startswith("data:image/png;base64,")]
     assert len(embedded) == len(figures)
     decoded = {base64.b64decode(v.split(",", 1)[1]) for v in embedded}
@@ -155,6 +156,19 @@ def test_scan_results_written_are_readable(demo):
     assert list(scenario["arm"].values) == ["factual", "alternative"] and "scan_effect_mean" in scenario
     fill = open_result(out / "scan-fill.zarr")
     assert fill.sizes["subject"] == 1 and "reference_scan" in fill
+
+
+def test_demo_evaluates_the_scan_twin_on_its_held_out_patients(demo):
+    import json
+
+    out, report = demo
+    m = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert m["subjects"] == 3 and m["split"] == "test" and not m["in_sample"]
+    assert (out / "evaluation" / "report.html").is_file()
+    part = _section(report.read_text(), "Scan twin evaluation: calibration")
+    voxel = next(row for row in _tables(part)[0] if row[0] == "voxel")
+    assert [float(v) for v in voxel[1:5]] == pytest.approx(
+        [m["calibration"]["voxel"][f"coverage_{v}"] for v in (50, 80, 90, 95)], rel=1e-3)
 
 
 def test_too_many_held_out_is_an_input_error(tmp_path):

@@ -194,3 +194,79 @@ def test_tissue_levels_are_the_templates():
         levels = template_levels(dims, 64)
         for channel, values in LEVELS[dims].items():
             np.testing.assert_allclose(levels[channel], values, atol=2e-3)
+
+
+MAPPED = {"atrophy": ("white_matter", "ventricles"), "glioma": ("enhancing", "oedema")}
+
+
+@pytest.mark.parametrize("kind", list(TRUTH))
+def test_structure_maps_sum_to_the_volumes(cohorts, kind):
+    """The maps are what measure_volumes sums: on the acquired scans, own or a reference's calibration."""
+    from scipy import ndimage
+
+    from twin.segment import MARGIN_VOXELS, VENTRICLE_DEPTH_MM, structure_maps
+
+    c = cohorts[kind]
+    ds = c["ds"]
+    for s in range(ds.sizes["subject"]):
+        mask, ml = ds.mask.values[s], voxel_volume_ml(ds.affine.values[s])
+        scans = ds.image.values[s, ds.observed.values[s]]  # (T, C, Y, X)
+        outside = ndimage.distance_transform_edt(~mask) > MARGIN_VOXELS  # beyond the grown mask
+        shallow = ndimage.distance_transform_edt(mask, sampling=(ml * 1000.0) ** (1 / 3)) <= VENTRICLE_DEPTH_MM
+        for reference in (None, scans[:1]):
+            maps = structure_maps(scans, mask, c["channels"], ml, reference=reference)
+            volumes = measure_volumes(scans, mask, c["channels"], ml, reference=reference)
+            assert tuple(maps) == MAPPED[kind]  # grey matter and csf: mass balance, no map
+            for name, m in maps.items():
+                assert m.shape == (len(scans), *mask.shape) and m.dtype == np.float64
+                assert m.min() >= 0.0 and m.max() <= 1.0
+                assert not m[:, outside].any()
+                np.testing.assert_allclose(m.sum(axis=(-2, -1)) * ml, volumes[name], rtol=1e-12, atol=1e-12)
+            if kind == "atrophy":
+                assert not maps["ventricles"][:, shallow].any()  # counted in the deep brain only
+            if reference is None:  # and the volumes are the fixture's (not 0 == 0: checked below)
+                for name in MAPPED[kind]:
+                    np.testing.assert_array_equal(volumes[name], c["scan"][name][s, ds.observed.values[s]])
+    assert all(np.nanmax(c["scan"][name]) > 0 for name in MAPPED[kind])
+    # leading axes: (K, T, C, Y, X) scans give (K, T, Y, X) maps, each the scan's own
+    stacked = structure_maps(np.stack([scans, 2.0 * scans]), mask, c["channels"], ml)
+    for name, m in structure_maps(scans, mask, c["channels"], ml).items():
+        assert stacked[name].shape == (2, *m.shape)
+        np.testing.assert_allclose(stacked[name][1], m, atol=1e-9)  # a gain is invisible (x2: exact in float32)
+
+
+def test_thresholded_maps_overlap_the_simulators_labels(cohorts):
+    """On noise-free truth scans, map >= 0.5 against the simulator's label map.
+
+    Measured (6 subjects x visits, seed 0): white matter 0.74-0.77 per image (the clipped
+    two-tissue fraction reads ~30% fewer voxels than the truth), where calling the whole mask
+    white matter scores 0.61 pooled and a shuffled map 0.37; enhancing 0.96 pooled (0.29 on a
+    12-voxel lesion), the whole mask 0.07. Ventricles and oedema are printed, not bounded here:
+    a 2D slice's ventricles are 1-2 voxels wide, and smoothed their CSF membership stays < 0.5.
+    """
+    import json
+
+    from twin.image_metrics import dice
+    from twin.segment import structure_maps
+
+    pooled = {}
+    for kind in TRUTH:
+        ds = cohorts[kind]["ds"]
+        labels = json.loads(ds.truth_labels.attrs["labels"])  # value k + 1 is labels[k]; 0 background
+        truth = ds.truth_image.sel(scenario="factual").values
+        for s in range(len(truth)):
+            mask, ml = ds.mask.values[s], voxel_volume_ml(ds.affine.values[s])
+            maps = structure_maps(truth[s], mask, cohorts[kind]["channels"], ml)
+            for name, m in maps.items():
+                a, b = m >= 0.5, ds.truth_labels.values[s] == labels.index(name) + 1
+                d = dice(a, b, spatial_dims=2)  # (T,), NaN where both are empty
+                if name == "white_matter":
+                    assert np.all(d > 0.7), (s, d)
+                if name == "enhancing":
+                    assert not a[~b.any(axis=(-2, -1))].any()  # no enhancing tumour, none found
+                inter, total = pooled.get(name, (0, 0))
+                pooled[name] = (inter + 2 * int((a & b).sum()), total + int(a.sum() + b.sum()))
+    pooled = {name: inter / total for name, (inter, total) in pooled.items()}
+    print("Dice of map >= 0.5 with the truth labels, pooled:", {k: round(v, 3) for k, v in pooled.items()})
+    assert pooled["white_matter"] > 0.7
+    assert pooled["enhancing"] > 0.9

@@ -91,7 +91,8 @@ class TwinConfig:
     spread_every: int = 25
     posterior_steps: int = 60
     n_samples: int = 200
-    quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
+    # the 50/80/90/95% central bands: the levels clinical papers report and `twin evaluate` scores
+    quantiles: tuple[float, ...] = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.975)
     calibration_fraction: float = 0.2
     inference: str = "laplace"
     amortiser_steps: int = 600
@@ -173,10 +174,12 @@ class BiomarkerTwin:
     """
 
     def __init__(self, model: DiseaseCourse, standardiser: Standardiser, config: TwinConfig,
-                 calibration: ConformalCalibration, limits, *, cohort_fingerprint: str = "", amortiser=None):
+                 calibration: ConformalCalibration, limits, *, cohort_fingerprint: str = "", amortiser=None,
+                 subjects: Sequence[str] = ()):
         self.model, self.standardiser, self.config = model, standardiser, config
         self.calibration, self.limits, self.cohort_fingerprint = calibration, limits, cohort_fingerprint
         self.amortiser = amortiser
+        self.subjects = tuple(subjects)  # every subject fitted on (calibration ones too): what `evaluate` must not score
 
     # ---- fitting and checkpoints --------------------------------------------------------------
 
@@ -247,7 +250,7 @@ class BiomarkerTwin:
         read = _reader(model, amortiser, config)
         calibration = _calibrate(model, st, calibration_ds, config, read)
         twin = cls(model, st, config, calibration, _limits(fit_ds, model, st), cohort_fingerprint=fingerprint,
-                   amortiser=amortiser)
+                   amortiser=amortiser, subjects=ids)
         if checkpoint_dir is not None:
             twin.save(checkpoint_dir)
         return twin
@@ -299,13 +302,14 @@ class BiomarkerTwin:
         for p in model.parameters():
             p.requires_grad_(False)
         return cls(model, st, config, calibration, limits, cohort_fingerprint=meta.get("cohort_fingerprint", ""),
-                   amortiser=amortiser)
+                   amortiser=amortiser, subjects=meta.get("subjects", ()))
 
     def _meta(self) -> dict:
         limits = {k: [_json_number(v) for v in vals] if k in ("low", "high", "max_rate") else list(vals)
                   for k, vals in asdict(self.limits).items()}
         return {**_header(self.config, self.standardiser, self.model, self.cohort_fingerprint), "complete": True,
-                "step": self.config.iterations, "calibration": self.calibration.to_dict(), "limits": limits}
+                "step": self.config.iterations, "calibration": self.calibration.to_dict(), "limits": limits,
+                "subjects": list(self.subjects)}
 
     @property
     def fingerprint(self) -> str:

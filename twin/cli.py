@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -115,6 +117,14 @@ def _train(args: argparse.Namespace) -> int:
     from twin.data import open_cohort
 
     ds = open_cohort(args.cohort)
+    if args.holdout:
+        if not 0 < args.holdout < 1:
+            raise InputError(f"expected a fraction in (0, 1), got {args.holdout}", source="options", field="--holdout")
+        from twin.metrics import holdout_subjects
+
+        held = holdout_subjects([str(s) for s in ds["subject"].values], args.holdout, args.seed or 0)
+        ds = ds.isel(subject=np.flatnonzero(~held))
+        print(f"holding out {int(held.sum())} of {held.size} subjects for `twin evaluate`")
     scans = "image" in ds and not args.biomarkers_only
     settings = _read_json(args.config) if args.config else {}
     given = {k: getattr(args, k) for k in ("iterations", "hidden", "seed", "calibration_fraction") if getattr(args, k) is not None}
@@ -135,6 +145,36 @@ def _train(args: argparse.Namespace) -> int:
     factors = ", ".join(f"{level:g}: x{f:.2f}" for level, f in zip(cal["levels"], cal["voxel"]))
     print(f"wrote {args.output} (scan twin: {ds.sizes['subject']} subjects, channels {', '.join(twin.channels)}, "
           f"{twin.record.get('pairs', 0)} training pairs, seed {config.seed}; voxel band factors {factors})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from twin import load_twin
+    from twin.data import open_cohort
+
+    from .evaluation import evaluate
+    from .evaluation_report import write_evaluation
+
+    twin = load_twin(args.model)
+    ds = open_cohort(args.cohort)
+    ev = evaluate(twin, ds, split=args.split, seed=args.seed, n_samples=args.n_samples, progress=not args.quiet)
+    report = write_evaluation(ev, args.output, overwrite=args.overwrite)
+    m = ev.metrics
+    lines = [f"wrote {args.output}: metrics.json, report.html ({m['subjects']} subjects, split {m['split']}, "
+             f"against the {m['target']})"]
+    metric = "change_rmse" if m.get("data_range") else "biomarker_mae_sd"
+    for task in ("forecast", "fill"):
+        for key, cell in m[task].items():
+            lines.append(f"  {task} <= {key} y (n {cell['n']}): {metric} " + ", ".join(
+                f"{method} {cell[method][metric]:.4g}" for method in ("twin", "copy_last", "linear")
+                if cell.get(method, {}).get(metric) is not None))
+    cal = m["calibration"]
+    lines.append(f"  {cal['values']} bands: coverage " + ", ".join(
+        f"{v}% {cal[f'coverage_{v}']:.3f}" for v in (50, 80, 90, 95) if cal.get(f"coverage_{v}") is not None))
+    if "hallucination" in m:
+        h = m["hallucination"]
+        lines.append(f"  hallucination: detection {h['detection_rate']:.3f}, false alarms {h['false_alarm_rate']:.3f}")
+    print("\n".join(lines) + f"\nopen {report}")
     return 0
 
 
@@ -245,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cohort", metavar="COHORT.zarr|RESULT.zarr")
     p.add_argument("--variables", default="image", help="comma-separated image variables to export (default: image)")
     writes(p, "DIR")
-    p = command("table", "write a result as CSV: subject,time,biomarker,mean,q05,q25,q50,q75,q95 (scenario results: "
+    p = command("table", "write a result as CSV: subject,time,biomarker,mean,q2.5,...,q97.5 (scenario results: "
                 "subject,arm,time,... plus effect_mean,effect_q05,...), time on the cohort's clock", _export_table, exp)
     p.add_argument("result", metavar="RESULT.zarr")
     writes(p, "OUT.csv")
@@ -261,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed of initialisation and sampling (default 0)")
     p.add_argument("--calibration-fraction", type=float,
                    help="subjects held out of the fit to calibrate the bands (default 0.2; 0: in-sample)")
+    p.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                   help="leave this fraction of subjects out of training altogether (seeded by --seed), for "
+                        "`twin evaluate` to score on (default 0)")
     writes(p, "MODEL_DIR")
 
     def asks(p: argparse.ArgumentParser, kind: str) -> None:
@@ -291,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("scenario", "replay each subject under the arms of a scenario file and under its own schedule "
                 "(arm factual); effects are arm - factual on paired draws", lambda a: _ask(a, "scenario"))
     asks(p, "scenario")
+
+    p = command("evaluate", "score a trained twin on held-out visits of a cohort's held-out subjects, against "
+                "copy-last, linear and mixed-effects baselines: metrics.json, figures and report.html", _evaluate)
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("cohort", metavar="COHORT.zarr")
+    p.add_argument("--split", choices=["test", "all"], default="test",
+                   help="test: the subjects the model was not trained on (default); all: every subject (in-sample)")
+    p.add_argument("--n-samples", type=_positive_int, help="draws per answer (default: the model's)")
+    p.add_argument("--seed", type=int, help="seed of the draws and the corruptions (default: the model's)")
+    writes(p, "EVAL_DIR")
 
     p = command("validate", "check a cohort store against every rule of the format (exit 0 valid, 2 not)", _validate)
     p.add_argument("cohort", metavar="COHORT.zarr")

@@ -567,11 +567,29 @@ def _scan_twin(out: Path, *, seed: int, n_subjects: int, held_out: int, config, 
         *fill_part,
         *scenario_part,
         ("Scan twin: plausibility flags", [
-            "Each predicted scan is checked: a deformation that folds (det J <= 0 in any draw), a measured volume "
-            "changing faster than twice the fastest change between training scans, a state far from the training "
-            "cohort's. Flagged scans are returned and marked, never hidden.", flag_table,
+            "Each predicted scan is checked (docs/results-format.md): the twin's deformation folding or changing "
+            "local volume beyond its calibration, a measured volume changing faster than twice the fastest change "
+            "between training scans, a state far from the training cohort's, draws that disagree, and a scan whose "
+            "anatomy, intensities or tissue contrast depart from the twin's own prediction. Flagged scans are "
+            "returned and marked, never hidden.", flag_table,
             *reasons[:5], *([f"... and {len(reasons) - 5} more."] if len(reasons) > 5 else [])]),
     ]
+
+    # Trust: the same held-out patients through `twin evaluate` (its own page in evaluation/)
+    from twin.evaluation import evaluate
+    from twin.evaluation_report import sections as evaluation_sections
+    from twin.evaluation_report import write_evaluation
+
+    t0 = time.perf_counter()
+    ev = evaluate(twin, ds, seed=seed, progress=progress)
+    page = write_evaluation(ev, out / "evaluation", overwrite=True)
+    seconds["evaluate"] = time.perf_counter() - t0
+    if progress:
+        print(f"scans: evaluated on the {held_out} held-out patients in {seconds['evaluate']:.1f} s -> {page}")
+    sections += [(f"Scan twin evaluation: {heading.lower()}",
+                  ([f"From `twin evaluate` on the {held_out} held-out patients; every number in "
+                    f"{page.relative_to(out)} and evaluation/metrics.json."] if heading == "Calibration" else []) + items)
+                 for heading, items in evaluation_sections(ev) if heading in ("Calibration", "Hallucination detection")]
     return sections, seconds
 
 

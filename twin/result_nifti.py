@@ -4,8 +4,9 @@ Layout under the output folder (one folder per subject):
 
     volumes.csv                                   subject,[arm,]time,structure,mean,q05,...,q95   (mL)
     sub-<s>/sub-<s>_time-<t>[_arm-<a>]_<channel>_mean.nii.gz       scan_mean
-    sub-<s>/sub-<s>_time-<t>[_arm-<a>]_<channel>_<qlo>.nii.gz      scan_quantiles, lowest level (e.g. q05)
-    sub-<s>/sub-<s>_time-<t>[_arm-<a>]_<channel>_<qhi>.nii.gz      scan_quantiles, highest level (e.g. q95)
+    sub-<s>/sub-<s>_time-<t>[_arm-<a>]_<channel>_q05.nii.gz        scan_quantiles, the 90% band's lower edge
+    sub-<s>/sub-<s>_time-<t>[_arm-<a>]_<channel>_q95.nii.gz        scan_quantiles, its upper edge (a result
+                                                                   without q05/q95: its widest band)
     sub-<s>/sub-<s>_time-<t>[_arm-<a>]_<channel>_sd.nii.gz         scan_spread (per-voxel predictive sd)
     sub-<s>/sub-<s>_time-<t>[_arm-<a>]_<channel>_samples.nii.gz    scan_samples, when the result has them
 
@@ -77,7 +78,9 @@ def export_result_nifti(result: xr.Dataset, out_dir: str | os.PathLike, *, overw
     shutil.rmtree(partial, ignore_errors=True)
 
     levels = [float(q) for q in result["quantile"].values]
-    outer = [levels.index(min(levels)), levels.index(max(levels))] if len(levels) > 1 else []
+    # the 90% band (q05, q95) where the result has it, the widest band otherwise
+    pair = (0.05, 0.95) if {0.05, 0.95} <= set(levels) else (min(levels), max(levels))
+    outer = [levels.index(pair[0]), levels.index(pair[1])] if len(levels) > 1 else []
     time = result["time"].values
     written: list[Path] = []
     try:

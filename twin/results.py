@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from twin.errors import InputError
+
+from .atomic import partial_folder
 
 FORMAT = "twin-result/1"
 KINDS = ("forecast", "fill", "scenario")
@@ -84,23 +85,11 @@ def write_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool
     if path.exists() and not overwrite:
         raise InputError("already exists; choose another path or overwrite it", source=str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with partial_folder(path) as partial:
         out = result.copy()
         for var in out.variables.values():
             var.encoding = {}
         out.to_zarr(partial, mode="w-", zarr_format=3, consolidated=False)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-            os.rename(partial, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(partial, path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return path
 
 

@@ -17,8 +17,10 @@ How an answer is made, per request (subject, time t):
    (`twin.segment`) with their own bands. Bands are scaled by split-conformal factors fitted on
    held-out subjects (their later observed scans forecast from their first visits), voxel by
    voxel and volume by volume, so that a 90% band holds about 90% of what a scanner measures.
-4. Plausibility flags per request: a folding deformation (det J <= 0 in any draw), a volume
-   changing faster than any training pair did, a state far from the training cohort's.
+4. Plausibility flags per request, on the point forecast (`twin.scan_checks`): folding or
+   extreme local volume change, a volume changing faster than any training pair did, a state
+   far from the training cohort's, draws that disagree, a region off the prediction, tissue
+   intensities no training scan has; thresholds fitted on honest held-out outputs.
 
 Cohorts with images and no biomarkers get biomarkers measured on their scans (the volumes of
 `twin.segment`), and the dynamics run on those. Training data for the decoder: every ordered
@@ -35,7 +37,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -50,10 +51,12 @@ from twin.settings import known_settings
 from .biomarker_twin import BiomarkerTwin, Draws, TwinConfig, cohort_fingerprint
 from .checkpoint import has_checkpoint, read_checkpoint, write_checkpoint
 from .metrics import conformal_scale, conformal_scores, holdout_subjects
+from .scan_checks import CHECKS, explain, fit_thresholds, flags, requests_of, smooth_log_jacobian, statistics
 from .scan_decoder import DecoderConfig, Pairs, ScanDecoder
 
-MODEL_FORMAT = "twin-scan-model/1"
-SCAN_CHECKS = ("jacobian_nonpositive", "volume_rate", "state_distance")
+MODEL_FORMAT = "twin-scan-model/2"  # /2: plausibility thresholds fitted at calibration
+SCAN_CHECKS = CHECKS
+CHECKED_OUTPUTS = 800  # honest calibration outputs that fit the check thresholds (about; registration's cost)
 MAX_SCORES = 400_000  # voxel scores kept for calibration (a random subset; the quantile barely moves)
 
 
@@ -113,7 +116,9 @@ class ScanDraws:
     brain; codes (arm list of (S, R, code channels, *grid)): the mean over draws of the change
     their states explain (mu, without the diffusion's residual); point (arm
     list of (S, R, C, *space)): the scan of the mean code times the calibrated shrinkage, the
-    point forecast; NaN pads missing requests everywhere.
+    point forecast; log_jacobian_sd (arm list of (S, R, *space)): the sd over draws of log det J
+    of their deformations, how much the draws disagree about local volume (`twin.scan_checks`);
+    NaN pads missing requests everywhere.
     """
 
     dynamics: Draws
@@ -124,6 +129,7 @@ class ScanDraws:
     reference: np.ndarray
     reference_since: np.ndarray
     mask: np.ndarray
+    log_jacobian_sd: list
 
 
 class ScanTwin:
@@ -150,7 +156,7 @@ class ScanTwin:
         """
         from .segment import structures_for
 
-        _check_scans(ds)
+        ds = _with_mask(ds)
         fingerprint = cohort_fingerprint(ds)
         root = None if checkpoint_dir is None else Path(checkpoint_dir)
         if root is not None:
@@ -214,6 +220,9 @@ class ScanTwin:
 
     @classmethod
     def _from_checkpoint(cls, dynamics: BiomarkerTwin, tensors: dict, meta: dict, source: str) -> ScanTwin:
+        if meta.get("format") == "twin-scan-model/1":
+            raise InputError("a scan twin of an earlier version (format twin-scan-model/1, without the fitted "
+                             "plausibility checks); train it again", source=source, field="format")
         if meta.get("format") != MODEL_FORMAT or not meta.get("complete"):
             raise InputError(f"not a complete scan twin (expected format {MODEL_FORMAT!r})", source=source,
                              field="format")
@@ -278,7 +287,7 @@ class ScanTwin:
                    seed: int | None = None, scenario=None, source: str = "forecast", progress: bool = False
                    ) -> ScanDraws:
         """The uncalibrated draws behind an answer: K scans per request and arm (see `ScanDraws`)."""
-        _check_scans(ds)
+        ds = _with_mask(ds)
         if self.derived_biomarkers:
             ds = with_scan_biomarkers(ds)
         missing = [c for c in self.channels if c not in [str(c) for c in ds["channel"].values]]
@@ -304,7 +313,7 @@ class ScanTwin:
         generator = torch.Generator().manual_seed(seed)
         # one x_T per (draw, request), shared by every arm: arms differ by their treatment only
         x_T = torch.randn((n, items, self.decoder.code_channels, *grid), generator=generator)
-        scans, folded, point, codes = [], [], [], []
+        scans, folded, point, codes, log_jacobian_sd = [], [], [], [], []
         for a in range(len(d.arms)):
             state_t, state_ref = d.standardised[a]
             out = np.full((n, *valid.shape, *reference.shape[2:]), np.nan, np.float32)
@@ -313,6 +322,7 @@ class ScanTwin:
             mask_t = torch.as_tensor(mask[s_idx])
             gap = torch.as_tensor(d.since[s_idx, r_idx] - ref_since[s_idx, r_idx], dtype=torch.float32)
             code_sum = torch.zeros((items, *x_T.shape[2:]))
+            log_j = torch.zeros((2, items, *reference.shape[3:]), dtype=torch.float64)  # sum, sum of squares
             for k in _progress(range(n), progress, f"drawing scans ({d.arms[a]})"):
                 y_ref = torch.as_tensor(state_ref[k, s_idx, r_idx], dtype=torch.float32)
                 dy = torch.as_tensor(state_t[k, s_idx, r_idx], dtype=torch.float32) - y_ref
@@ -326,6 +336,9 @@ class ScanTwin:
                     out[k, s_idx[sl], r_idx[sl]] = decoded.scan.numpy()
                     det = torch.where(mask_t[sl], decoded.jacobian, torch.ones_like(decoded.jacobian))
                     fold[k, s_idx[sl], r_idx[sl]] = (det.flatten(1).amin(1) <= 0).numpy()
+                    log_det = smooth_log_jacobian(det)
+                    log_j[0, sl] += log_det
+                    log_j[1, sl] += log_det ** 2
             # the point forecast: the scan of the mean change the draws' states explain. The voxelwise
             # mean of the draws would blur every edge the draws move by different amounts (no change
             # at all), and the residual draws average to noise, not to a change.
@@ -333,9 +346,12 @@ class ScanTwin:
             mean_code[s_idx, r_idx] = (code_sum / n).numpy()
             scans.append(out)
             folded.append(fold)
+            sd = np.full((*valid.shape, *reference.shape[3:]), np.nan, np.float32)
+            sd[s_idx, r_idx] = torch.sqrt(torch.clamp(log_j[1] / n - (log_j[0] / n) ** 2, min=0.0)).numpy()
+            log_jacobian_sd.append(sd)
             codes.append(mean_code)
             point.append(self._point(reference, mean_code, mask, self.calibration.get("shrink", 1.0)))
-        return ScanDraws(d, scans, folded, point, codes, reference, ref_since, mask)
+        return ScanDraws(d, scans, folded, point, codes, reference, ref_since, mask, log_jacobian_sd)
 
     def _point(self, reference: np.ndarray, mean_code: np.ndarray, mask: np.ndarray, shrink: float) -> np.ndarray:
         """The point forecasts (S, R, C, *space): the scans of shrink x the mean codes (S, R, k, *grid)."""
@@ -349,13 +365,23 @@ class ScanTwin:
                 best[i, j] = self.decoder.decode(torch.as_tensor(reference[i, j]), code, torch.as_tensor(mask[i])).scan.numpy()
         return best
 
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        """Every subject the twin was fitted on (calibration subjects too)."""
+        return self.dynamics.subjects
+
     def _answer(self, kind, ds, subjects, horizons, at, n_samples, samples, seed, scenario=None) -> xr.Dataset:
+        return self._answer_with_draws(kind, ds, subjects, horizons, at, n_samples, samples, seed, scenario)[0]
+
+    def _answer_with_draws(self, kind, ds, subjects, horizons, at, n_samples, samples, seed, scenario=None
+                           ) -> tuple[xr.Dataset, ScanDraws]:
+        """The answer and the draws behind it (`twin.evaluation` checks corrupted copies against them)."""
         draws = self.draw_scans(ds, subjects, horizons=horizons, at=at, n_samples=n_samples, seed=seed,
                                 scenario=scenario, source=kind)
         if self.derived_biomarkers:
             ds = with_scan_biomarkers(ds)
         result = self.dynamics._summary(kind, draws.dynamics, ds, samples, scenario)
-        return _with_scans(result, self, draws, samples, scenario is not None)
+        return _with_scans(result, self, draws, samples, scenario is not None), draws
 
     # ---- calibration --------------------------------------------------------------------------
 
@@ -371,7 +397,7 @@ class ScanTwin:
         if not at:
             return {"levels": list(levels), "voxel": [1.0] * len(levels),
                     "volume": {s: [1.0] * len(levels) for s in self.structures}, "cases": 0, "in_sample": in_sample,
-                    "shrink": 1.0}
+                    "shrink": 1.0, "checks": {}}
         draws = self.draw_scans(cut, list(at), at=at, seed=self.config.seed, source="calibration")
         one = draws.dynamics.one
         target, target_ok = _observed_at(ds.sel(subject=one["subject"].values), draws.dynamics.since)
@@ -396,12 +422,52 @@ class ScanTwin:
             flat = score[inside & np.isfinite(score)]
             if flat.size > MAX_SCORES:
                 flat = rng.choice(flat, MAX_SCORES, replace=False)
-            voxel.append(conformal_scale(flat, level))
+            voxel.append(_finite_or_none(conformal_scale(flat, level)))
             vs = conformal_scores(vol_q[qs.index(0.5)], vol_q[lo], vol_q[hi], vol_target)
             for j, s in enumerate(self.structures):
-                volume[s].append(conformal_scale(vs[..., j][target_ok], level))
+                volume[s].append(_finite_or_none(conformal_scale(vs[..., j][target_ok], level)))
         return {"levels": list(levels), "voxel": voxel, "volume": volume, "cases": int(target_ok.sum()),
-                "in_sample": in_sample, "shrink": shrink, "shrink_code_error": errors}
+                "in_sample": in_sample, "shrink": shrink, "shrink_code_error": errors,
+                "checks": self._fit_checks(draws, shrink, rng)}
+
+    def _fit_checks(self, draws: ScanDraws, shrink: float, rng: np.random.Generator) -> dict[str, float]:
+        """Thresholds of the fitted plausibility checks from honest outputs of the calibration requests:
+        each one's point forecast and some of its draws (`twin.scan_checks`), about CHECKED_OUTPUTS
+        in all: a small cohort's few requests give several draws each, so that a 98% quantile is
+        a quantile and not the largest value seen."""
+        req = requests_of(self, draws, shrink=shrink)
+        K = draws.scans[0].shape[0]
+        per_case = int(np.clip(CHECKED_OUTPUTS // max(len(req.s_idx), 1) - 1, 1, K))
+        pick = np.sort(rng.choice(len(req.s_idx), min(len(req.s_idx), CHECKED_OUTPUTS // (per_case + 1)),
+                                  replace=False))
+        req = req.take(pick)
+        outputs = [req.centre] + [draws.scans[0][k, req.s_idx, req.r_idx] for k in rng.permutation(K)[:per_case]]
+        stats = [statistics(self, o, req) for o in outputs]
+        return fit_thresholds({name: np.concatenate([s[name] for s in stats]) for name in stats[0]})
+
+    def check(self, draws: ScanDraws, scans: np.ndarray, arm: int = 0) -> tuple[np.ndarray, dict, list[str]]:
+        """Check outputs `scans` (S, R, C, *space) of the requests of `draws` (any scans: the twin's own
+        or another's) -> (flags (checks, S, R), statistics {check: (S, R)}, reasons); see twin.scan_checks."""
+        req = requests_of(self, draws, arm)
+        stats = statistics(self, scans[req.s_idx, req.r_idx], req)
+        failed = flags(stats, self.calibration.get("checks", {}))
+        shape = draws.dynamics.since.shape
+        out = np.zeros((len(CHECKS), *shape), bool)
+        out[:, req.s_idx, req.r_idx] = failed
+        full = {}
+        for name, v in stats.items():
+            full[name] = np.full(shape, np.nan)
+            full[name][req.s_idx, req.r_idx] = v
+        one = draws.dynamics.one
+        ids = [str(s) for s in one["subject"].values]
+        clock = one["baseline_time"].values[:, None] + draws.dynamics.since
+        where = [f"subject {ids[s]} at {clock[s, r]:g}" for s, r in zip(req.s_idx, req.r_idx)]
+        return out, full, explain(failed, stats, where)
+
+
+def _finite_or_none(factor: float) -> float | None:
+    """A band factor for JSON: None where too few calibration cases bound the band (conformal_scale's inf)."""
+    return factor if np.isfinite(factor) else None
 
 
 SHRINKS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -447,11 +513,25 @@ def load_twin(path: str | os.PathLike) -> ScanTwin | BiomarkerTwin:
 # ---- cohort helpers ---------------------------------------------------------------------------
 
 
-def _check_scans(ds: xr.Dataset) -> None:
-    for name in ("image", "mask"):
-        if name not in ds:
-            raise InputError(f"the cohort has no {name!r}; the scan twin needs scans and a brain mask "
-                             f"(use the biomarker twin for tables)", source="cohort", field=name)
+def _with_mask(ds: xr.Dataset) -> xr.Dataset:
+    """The cohort, checked to have scans, with a brain mask: its own, or (imported without one) each
+    subject's `twin.segment.brain_mask` of its first observed scan, which every history keeps."""
+    from .segment import brain_mask
+
+    if "image" not in ds:
+        raise InputError("the cohort has no 'image'; the scan twin needs scans (use the biomarker twin for tables)",
+                         source="cohort", field="image")
+    if "mask" in ds:
+        return ds
+    scan_t = _observed_scan_times(ds)
+    masks = []
+    for s in range(ds.sizes["subject"]):
+        if not np.isfinite(scan_t[s]).any():
+            raise InputError(f"subject {ds['subject'].values[s]} has no observed scan", source="cohort", field="image")
+        masks.append(brain_mask(ds["image"].values[s, int(np.nanargmin(scan_t[s]))]))
+    space = [d for d in ds["image"].dims if d in ("z", "y", "x")]
+    return ds.assign(mask=(("subject", *space), np.stack(masks),
+                           {"long_name": "brain mask", "source": "twin.segment.brain_mask of the first scan"}))
 
 
 def with_scan_biomarkers(ds: xr.Dataset) -> xr.Dataset:
@@ -662,9 +742,16 @@ def _limits(pairs: Pairs, train: xr.Dataset, channels) -> dict:
     fastest = np.nanmax(np.stack(rates), axis=0) if rates else np.full(vols.shape[-1], np.inf)
     from scipy.stats import chi2
 
+    # every tissue's intensity in the training scans: 0.01-99.99th percentiles in the brain, widened by a
+    # tenth of the range for the tail a few thousand more scans would show
+    image = train["image"].values
+    inside = np.broadcast_to(train["mask"].values.astype(bool)[:, None, None], image.shape) & np.isfinite(image)
+    lo, hi = (np.stack([np.percentile(image[:, :, c][inside[:, :, c]], p) for c in range(image.shape[2])])
+              for p in (0.01, 99.99))
     return {"state_mean": mean.tolist(), "state_cov": cov.tolist(),
             "state_distance": float(chi2.ppf(0.999, y.shape[1])),
-            "volume_rate": [float(2 * r) if np.isfinite(r) else None for r in fastest]}
+            "volume_rate": [float(2 * r) if np.isfinite(r) else None for r in fastest],
+            "intensity_low": (lo - 0.1 * (hi - lo)).tolist(), "intensity_high": (hi + 0.1 * (hi - lo)).tolist()}
 
 
 def _finished(root: Path, fingerprint: str, config: ScanConfig, overwrite: bool) -> ScanTwin | None:
@@ -702,12 +789,12 @@ def _with_scans(result: xr.Dataset, twin: ScanTwin, draws: ScanDraws, samples: b
     one = draws.dynamics.one
     space = ("y", "x") if draws.mask.ndim == 3 else ("z", "y", "x")
     cal = twin.calibration
-    factors = dict(zip([round(v, 12) for v in cal["levels"]], cal["voxel"]))
+    unbounded = lambda fs: [np.inf if f is None else f for f in fs]  # noqa: E731
+    factors = dict(zip([round(v, 12) for v in cal["levels"]], unbounded(cal["voxel"])))
     outer = factors[max(factors)] if factors else 1.0
     per_arm: dict[str, list] = {k: [] for k in ("mean", "q", "spread", "vmean", "vq", "flags", "effect", "veffect")}
     reasons = []
     factual_vols = None
-    reference_volumes = _measured(draws.reference, draws.mask, one, twin.channels)  # (S, R, structures), every arm's
     for a, arm in enumerate(draws.dynamics.arms):
         scans = draws.scans[a]
         per_arm["mean"].append(draws.point[a])
@@ -715,7 +802,7 @@ def _with_scans(result: xr.Dataset, twin: ScanTwin, draws: ScanDraws, samples: b
         per_arm["spread"].append((np.std(scans, axis=0) * outer).astype(np.float32))
         vols = _volumes(scans, draws.mask, one, twin.channels)  # (K, S, R, structures)
         per_arm["vmean"].append(vols.mean(0))
-        vq = np.stack([_calibrated(vols[..., j], qs, dict(zip(factors, cal["volume"][s])))
+        vq = np.stack([_calibrated(vols[..., j], qs, dict(zip(factors, unbounded(cal["volume"][s]))))
                        for j, s in enumerate(twin.structures)], axis=-1)
         vq = np.maximum(vq, 0.0)  # a widened band stops at no volume at all
         per_arm["vq"].append(vq)
@@ -724,8 +811,8 @@ def _with_scans(result: xr.Dataset, twin: ScanTwin, draws: ScanDraws, samples: b
         else:
             per_arm["effect"].append(draws.point[a] - draws.point[0])
             per_arm["veffect"].append((vols - factual_vols).mean(0))
-        flags, why = _scan_flags(twin, draws, a, vols, reference_volumes, one)
-        per_arm["flags"].append(flags)
+        flagged, _, why = twin.check(draws, draws.point[a], a)
+        per_arm["flags"].append(flagged)
         reasons += [f"arm {arm}: {w}" for w in why] if scenario else why
     lead = ("arm",) if scenario else ()
     cell = ("subject", "request")
@@ -776,42 +863,19 @@ def _with_scans(result: xr.Dataset, twin: ScanTwin, draws: ScanDraws, samples: b
 
 def _calibrated(draws: np.ndarray, qs: list[float], factors: dict, centre: np.ndarray | None = None) -> np.ndarray:
     """Quantiles over the draws' first axis, each band pair widened about the median by its factor;
-    with `centre`, the bands are moved to sit about it instead of the draws' median."""
+    with `centre`, the bands are moved to sit about it instead of the draws' median. Bands nest: the
+    factors are fitted level by level, and an outer band is never let inside an inner one."""
     q = np.quantile(draws, qs, axis=0)
-    median = q[qs.index(0.5)]
+    m = qs.index(0.5)
+    median = q[m]
     centre = median if centre is None else centre
     out = np.empty_like(q)
     for i, level in enumerate(qs):
         f = 0.0 if level == 0.5 else factors.get(round(abs(1 - 2 * level), 12), 1.0)
-        out[i] = centre + f * (q[i] - median)
+        # an unbounded band (too few calibration cases for its level) is unbounded even where the draws agree
+        out[i] = centre + f * (q[i] - median) if np.isfinite(f) else np.full_like(centre, np.inf if level > 0.5 else -np.inf)
+    for i in range(m - 1, -1, -1):
+        out[i] = np.minimum(out[i], out[i + 1])
+    for i in range(m + 1, len(qs)):
+        out[i] = np.maximum(out[i], out[i - 1])
     return out
-
-
-def _scan_flags(twin: ScanTwin, draws: ScanDraws, arm: int, vols: np.ndarray, ref_vol: np.ndarray, one: xr.Dataset):
-    """(checks, S, R) flags and their reasons: folding, volume rate (against the reference scans' volumes
-    ref_vol (S, R, structures)), state distance."""
-    S, R = draws.dynamics.since.shape
-    valid = np.isfinite(draws.dynamics.since)
-    flags = np.zeros((len(SCAN_CHECKS), S, R), bool)
-    flags[0] = draws.folded[arm].any(0) & valid
-    gap = np.abs(draws.dynamics.since - draws.reference_since)
-    limit = np.asarray([np.inf if v is None else v for v in twin.limits["volume_rate"]])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rate = np.abs(vols.mean(0) - ref_vol) / np.maximum(gap, 0.25)[..., None]
-    flags[1] = (rate > limit).any(-1) & valid
-    with warnings.catch_warnings():  # padding requests are all-NaN: their mean is NaN, and unflagged
-        warnings.simplefilter("ignore", RuntimeWarning)
-        state = np.nanmean(draws.dynamics.standardised[arm][0], axis=0)  # (S, R, B)
-    mean = np.asarray(twin.limits["state_mean"])
-    inv = np.linalg.inv(np.asarray(twin.limits["state_cov"]))
-    centred = np.nan_to_num(state - mean)
-    flags[2] = (np.einsum("srb,bc,src->sr", centred, inv, centred) > twin.limits["state_distance"]) & valid
-    reasons = []
-    ids = [str(s) for s in one["subject"].values]
-    clock = one["baseline_time"].values[:, None] + draws.dynamics.since
-    why = ("the deformation folds (det J <= 0) in at least one draw",
-           "a measured volume changes faster than twice the fastest change between training scans",
-           "the state lies outside the training cohort's (Mahalanobis distance beyond the 99.9% level)")
-    for c, s, r in zip(*np.nonzero(flags)):
-        reasons.append(f"subject {ids[s]} at {clock[s, r]:g}: {why[c]}")
-    return flags, reasons

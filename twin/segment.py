@@ -4,6 +4,7 @@ The twin forecasts scans; clinicians read volumes. `measure_volumes` measures br
 on any scan, generated or acquired, with one rule, so that K generated samples give K volumes
 (a band), and a generated scan can be compared with the simulator's noise-free truth measured
 the same way. numpy only, batched over any leading axes: (K, T, C, *space) scans in one call.
+`structure_maps` returns the per-voxel memberships those volumes sum, where a structure has one.
 
     channels ("t1",)           csf, grey_matter, white_matter, ventricles
     channels ("t1c", "flair")  enhancing, oedema
@@ -73,6 +74,8 @@ STRUCTURES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("t1",): ("csf", "grey_matter", "white_matter", "ventricles"),
     ("t1c", "flair"): ("enhancing", "oedema"),
 }
+# those with a per-voxel membership (`structure_maps`); grey matter and csf are a mass balance
+_MAPPED = {("t1",): ("white_matter", "ventricles"), ("t1c", "flair"): ("enhancing", "oedema")}
 
 SMOOTH_VOXELS = 1.0
 MARGIN_VOXELS = 3  # misregistration <= 1 voxel per axis and 2 degrees, widened by the smoothing
@@ -113,59 +116,38 @@ def measure_volumes(image, mask, channels: Sequence[str], voxel_volume_ml: float
         the voxel volume (a 2D voxel is a slab as thick as it is wide, as the simulators make).
     Returns {structure: (...) float64, mL}.
     """
-    channels = (channels,) if isinstance(channels, str) else tuple(channels)
-    key = _channel_key(channels, "measure_volumes")
-    mask = np.asarray(mask)
-    if mask.ndim not in (2, 3) or mask.dtype != bool:
-        raise InputError(f"expected a bool (Y, X) or (Z, Y, X) mask, got {mask.dtype} of shape {mask.shape}",
-                         source="measure_volumes", field="mask")
-    if not mask.any():
-        raise InputError("the mask is empty: no brain to measure", source="measure_volumes", field="mask")
-    ndim = mask.ndim
-    image = _scans(image, mask, len(key), "image")
-    lead = image.shape[: -ndim - 1]
-    if not (np.isfinite(voxel_volume_ml) and voxel_volume_ml > 0):
-        raise InputError(f"expected a positive voxel volume, got {voxel_volume_ml}", source="measure_volumes",
-                         field="voxel_volume_ml")
-    if spacing is None:
-        spacing = ((voxel_volume_ml * 1000.0) ** (1.0 / 3.0),) * ndim
-    spacing = tuple(float(h) for h in spacing)
-    if len(spacing) != ndim or not all(np.isfinite(h) and h > 0 for h in spacing):
-        raise InputError(f"expected {ndim} positive voxel sizes in mm, got {spacing}", source="measure_volumes",
-                         field="spacing")
-    order = [[str(c).lower() for c in channels].index(c) for c in key]  # image channel of each key channel
-    region = _Region(mask, spacing)
-
-    beta_ref = None
-    if reference is not None:
-        reference = _scans(reference, mask, len(key), "reference")
-        ref_lead = reference.shape[: -ndim - 1]
-        try:
-            ok = np.broadcast_shapes(ref_lead, lead) == lead
-        except ValueError:
-            ok = False
-        if not ok:
-            raise InputError(f"expected reference's leading axes {ref_lead} to broadcast to image's {lead}",
-                             source="measure_volumes", field="reference")
-        ref = reference.reshape(-1, *reference.shape[-ndim - 1:])
-        step = _step(mask, key)
-        beta_ref = np.concatenate([_calibrations(_smoothed(ref[i: i + step], region, order), region, key)
-                                   for i in range(0, len(ref), step)])  # (B_ref, C, P)
-        beta_ref = np.broadcast_to(beta_ref.reshape(*ref_lead, *beta_ref.shape[1:]), (*lead, *beta_ref.shape[1:]))
-        beta_ref = beta_ref.reshape(-1, *beta_ref.shape[-2:])
-
-    scans = image.reshape(-1, *image.shape[-ndim - 1:])  # (B, C, *space)
-    out = {name: np.empty(len(scans)) for name in STRUCTURES[key]}
-    step = _step(mask, key)
-    for start in range(0, len(scans), step):
-        part = slice(start, start + step)
-        x = _smoothed(scans[part], region, order)  # (b, C, N)
-        beta = _calibrations(x, region, key) if beta_ref is None else beta_ref[part]  # (b, C, P)
-        J = [x[:, i] * np.exp(-(beta[:, i] @ region.phi.T)) for i in range(len(key))]
-        volumes = _t1_volumes(J[0], region) if key == ("t1",) else _glioma_volumes(*J, region)
-        for name, v in volumes.items():
+    key, region, lead, chunks = _corrected(image, mask, channels, voxel_volume_ml, reference, spacing,
+                                           "measure_volumes")
+    out = {name: np.empty(int(np.prod(lead))) for name in STRUCTURES[key]}
+    for part, J in chunks:
+        for name, v in _volumes(J, region, key).items():
             out[name][part] = v * voxel_volume_ml
     return {name: v.reshape(lead) for name, v in out.items()}
+
+
+def structure_maps(image, mask, channels: Sequence[str], voxel_volume_ml: float, *, reference=None,
+                   spacing: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    """Per-voxel soft memberships in [0, 1] of the structures that have one: what `measure_volumes` sums.
+
+    Same arguments, validation and pipeline as `measure_volumes` (smoothing, calibration,
+    `reference`, levels); voxel_volume_ml and spacing only set the ventricles' depth here.
+        channels ("t1",)           white_matter: clip((J - c_gm) / (c_wm - c_gm), 0, 1) on the grown
+                                   mask; ventricles: the CSF-dominant membership in the deep brain
+        channels ("t1c", "flair")  enhancing, oedema: on the grown mask
+    Each map is 0 outside the region its volume is summed over, so that
+    map.sum(spatial axes) * voxel_volume_ml == measure_volumes(...)[structure] (float rounding).
+    grey_matter and csf have no map: they are measured by mass balance over the whole mask (one
+    T1 intensity cannot split a voxel into three tissues), so they are left out.
+    Returns {structure: (..., *space) float64}, the leading axes image's.
+    """
+    key, region, lead, chunks = _corrected(image, mask, channels, voxel_volume_ml, reference, spacing,
+                                           "structure_maps")
+    space = region.grown.shape
+    out = {name: np.zeros((int(np.prod(lead)), *space)) for name in _MAPPED[key]}
+    for part, J in chunks:
+        for name, m in _memberships(J, region, key).items():
+            out[name][part][:, region.grown] = m  # a view of out[name]: written in place
+    return {name: v.reshape(*lead, *space) for name, v in out.items()}
 
 
 def template_levels(dims: int = 2, size: int = 64) -> dict[str, tuple[float, float, float]]:
@@ -210,28 +192,88 @@ def _channel_key(channels, source: str) -> tuple[str, ...]:
                      source=source, field="channel")
 
 
-def _scans(x, mask: np.ndarray, n_channels: int, field: str) -> np.ndarray:
+def _scans(x, mask: np.ndarray, n_channels: int, field: str, source: str) -> np.ndarray:
     x = np.asarray(x)
     ndim = mask.ndim
     if x.ndim < ndim + 1 or x.shape[-ndim:] != mask.shape:
         raise InputError(f"expected (..., C, *space) scans whose space is the mask's {mask.shape}, got shape "
-                         f"{x.shape}", source="measure_volumes", field=field)
+                         f"{x.shape}", source=source, field=field)
     if x.shape[-ndim - 1] != n_channels:
         raise InputError(f"expected {n_channels} channel(s) on axis {-ndim - 1}, got {x.shape[-ndim - 1]} "
-                         f"(shape {x.shape})", source="measure_volumes", field="channel")
+                         f"(shape {x.shape})", source=source, field="channel")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise InputError(f"expected numeric scans, got {x.dtype}", source="measure_volumes", field=field)
+        raise InputError(f"expected numeric scans, got {x.dtype}", source=source, field=field)
     finite = np.isfinite(x[..., mask]).all(axis=(-2, -1))  # (...,)
     if not finite.all():
         first = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise InputError(f"NaN or Inf inside the mask in {int((~finite).sum())} scan(s), the first at leading "
-                         f"index {first} (a missed visit? measure the observed ones)", source="measure_volumes",
+                         f"index {first} (a missed visit? measure the observed ones)", source=source,
                          field=field)
     return x
 
 
 def _step(mask: np.ndarray, key) -> int:
     return max(1, _CHUNK // (mask.size * len(key)))
+
+
+def _corrected(image, mask, channels, voxel_volume_ml, reference, spacing, source: str):
+    """Validate, then the corrected images J chunk by chunk: what both public functions measure on.
+
+    Returns (key, region, lead, chunks): key the channel key, lead image's leading axes, chunks
+    a generator of (part, J), part a slice of the flattened leading axes and J a list, one per key
+    channel, of (b, N) corrected intensities on the grown region.
+    """
+    channels = (channels,) if isinstance(channels, str) else tuple(channels)
+    key = _channel_key(channels, source)
+    mask = np.asarray(mask)
+    if mask.ndim not in (2, 3) or mask.dtype != bool:
+        raise InputError(f"expected a bool (Y, X) or (Z, Y, X) mask, got {mask.dtype} of shape {mask.shape}",
+                         source=source, field="mask")
+    if not mask.any():
+        raise InputError("the mask is empty: no brain to measure", source=source, field="mask")
+    ndim = mask.ndim
+    image = _scans(image, mask, len(key), "image", source)
+    lead = image.shape[: -ndim - 1]
+    if not (np.isfinite(voxel_volume_ml) and voxel_volume_ml > 0):
+        raise InputError(f"expected a positive voxel volume, got {voxel_volume_ml}", source=source,
+                         field="voxel_volume_ml")
+    if spacing is None:
+        spacing = ((voxel_volume_ml * 1000.0) ** (1.0 / 3.0),) * ndim
+    spacing = tuple(float(h) for h in spacing)
+    if len(spacing) != ndim or not all(np.isfinite(h) and h > 0 for h in spacing):
+        raise InputError(f"expected {ndim} positive voxel sizes in mm, got {spacing}", source=source,
+                         field="spacing")
+    order = [[str(c).lower() for c in channels].index(c) for c in key]  # image channel of each key channel
+    region = _Region(mask, spacing)
+    step = _step(mask, key)
+
+    beta_ref = None
+    if reference is not None:
+        reference = _scans(reference, mask, len(key), "reference", source)
+        ref_lead = reference.shape[: -ndim - 1]
+        try:
+            ok = np.broadcast_shapes(ref_lead, lead) == lead
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InputError(f"expected reference's leading axes {ref_lead} to broadcast to image's {lead}",
+                             source=source, field="reference")
+        ref = reference.reshape(-1, *reference.shape[-ndim - 1:])
+        beta_ref = np.concatenate([_calibrations(_smoothed(ref[i: i + step], region, order), region, key)
+                                   for i in range(0, len(ref), step)])  # (B_ref, C, P)
+        beta_ref = np.broadcast_to(beta_ref.reshape(*ref_lead, *beta_ref.shape[1:]), (*lead, *beta_ref.shape[1:]))
+        beta_ref = beta_ref.reshape(-1, *beta_ref.shape[-2:])
+
+    scans = image.reshape(-1, *image.shape[-ndim - 1:])  # (B, C, *space)
+
+    def chunks():
+        for start in range(0, len(scans), step):
+            part = slice(start, start + step)
+            x = _smoothed(scans[part], region, order)  # (b, C, N)
+            beta = _calibrations(x, region, key) if beta_ref is None else beta_ref[part]  # (b, C, P)
+            yield part, [x[:, i] * np.exp(-(beta[:, i] @ region.phi.T)) for i in range(len(key))]
+
+    return key, region, lead, chunks()
 
 
 class _Region:
@@ -331,25 +373,61 @@ def _smoothstep(x):
     return x * x * (3 - 2 * x)
 
 
-def _t1_volumes(J: np.ndarray, region: _Region) -> dict[str, np.ndarray]:
-    """Soft voxel counts of the T1 structures from J (B, N)."""
+def _memberships(J: list[np.ndarray], region: _Region, key) -> dict[str, np.ndarray]:
+    """Per-voxel memberships (b, N) on the grown region of the `_MAPPED[key]` structures, 0 where not counted."""
+    return _t1_memberships(J[0], region) if key == ("t1",) else _glioma_memberships(*J, region)
+
+
+def _volumes(J: list[np.ndarray], region: _Region, key) -> dict[str, np.ndarray]:
+    """Soft voxel counts (b,) of `STRUCTURES[key]`: the memberships summed, and for T1 the mass balance."""
+    m = _memberships(J, region, key)
+    return _t1_volumes(J[0], m, region) if key == ("t1",) else {name: v.sum(1) for name, v in m.items()}
+
+
+def _t1_memberships(J: np.ndarray, region: _Region) -> dict[str, np.ndarray]:
+    """White matter (on the grown mask) and ventricles (the deep brain only) from J (B, N)."""
     c_csf, c_gm, c_wm = LEVELS[region.ndim]["t1"]
     wm = np.clip((J - c_gm) / (c_wm - c_gm), 0.0, 1.0)
     edge = c_csf + VENTRICLE_EDGE * (c_gm - c_csf)
     csf_dominant = np.clip((edge - J) / (edge - c_csf), 0.0, 1.0)
-    white = wm.sum(1)
+    return {"white_matter": wm, "ventricles": np.where(region.deep, csf_dominant, 0.0)}
+
+
+def _t1_volumes(J: np.ndarray, m: dict[str, np.ndarray], region: _Region) -> dict[str, np.ndarray]:
+    """Soft voxel counts of the T1 structures from J (B, N) and its `_t1_memberships` m."""
+    c_csf, c_gm, c_wm = LEVELS[region.ndim]["t1"]
+    white = m["white_matter"].sum(1)
     signal = np.maximum(J - c_csf, 0.0).sum(1)  # (c_gm - c_csf) V_gm + (c_wm - c_csf) V_wm
     grey = np.maximum(signal - (c_wm - c_csf) * WHITE_SHARE[region.ndim] * region.mask_voxels, 0.0) / (c_gm - c_csf)
     return {"csf": np.maximum(region.mask_voxels - grey - white, 0.0), "grey_matter": grey,
-            "white_matter": white, "ventricles": csf_dominant[:, region.deep].sum(1)}
+            "white_matter": white, "ventricles": m["ventricles"][:, region.deep].sum(1)}  # 0 elsewhere
 
 
-def _glioma_volumes(t1c: np.ndarray, flair: np.ndarray, region: _Region) -> dict[str, np.ndarray]:
-    """Soft voxel counts of enhancing tumour and oedema from (T1c, FLAIR) J (B, N) each."""
+def _glioma_memberships(t1c: np.ndarray, flair: np.ndarray, region: _Region) -> dict[str, np.ndarray]:
+    """Enhancing tumour and oedema memberships (B, N) from (T1c, FLAIR) J (B, N) each."""
     def membership(J, level, threshold, half_width):
         return _smoothstep((J / level - (1.0 + threshold) + half_width) / (2.0 * half_width))
 
     levels = LEVELS[region.ndim]
     enhancing = membership(t1c, levels["t1"][2], *ENHANCING)
     hyper = membership(flair, levels["flair"][1], *HYPERINTENSE)
-    return {"enhancing": enhancing.sum(1), "oedema": np.clip(hyper - enhancing, 0.0, 1.0).sum(1)}
+    return {"enhancing": enhancing, "oedema": np.clip(hyper - enhancing, 0.0, 1.0)}
+
+
+def brain_mask(scan: np.ndarray, *, smooth_voxels: float = 1.0, level: float = 0.1) -> np.ndarray:
+    """A brain mask for a skull-stripped scan (C, *space) -> (*space) bool, for cohorts imported without one.
+
+    The channels' sum, smoothed by a Gaussian of `smooth_voxels` sd, above `level` x its 99th
+    percentile: skull-stripped background is near 0 and every tissue, CSF included, lies well
+    above a tenth of white matter. The largest connected region, holes filled (ventricles dark
+    on some contrasts are brain).
+    """
+    x = np.nan_to_num(np.asarray(scan, dtype=np.float64)).sum(axis=0)
+    x = ndimage.gaussian_filter(x, smooth_voxels)
+    inside = x > level * np.percentile(x, 99)
+    labels, n = ndimage.label(inside)
+    if n == 0:
+        raise InputError("no brain found (every voxel is near 0)", source="brain_mask", field="image")
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return ndimage.binary_fill_holes(labels == largest)
+
