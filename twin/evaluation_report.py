@@ -42,9 +42,10 @@ def write_evaluation(ev: Evaluation, path: str | os.PathLike, *, overwrite: bool
 def sections(ev: Evaluation) -> list:
     """The report's sections: (heading, [figures, paragraphs, tables])."""
     m = ev.metrics
+    target = "noise-free simulator truth" if m["target"] == "truth" else "held-out observations"
     intro = (f"{m['subjects']} held-out subjects (split {m['split']}{', in-sample' if m['in_sample'] else ''}); "
-             f"scored against the {'noise-free simulator truth' if m['target'] == 'truth' else 'held-out observations'}; "
-             f"seed {m['seed']}; model {m['model']}. Every key is documented in docs/evaluation.md.")
+             f"scored against the {target}; seed {m['seed']}; model {m['model']}. Every key is documented in "
+             "docs/evaluation.md.")
     out = [("Summary", [intro, _summary_table(m)])]
     out.append(("Errors by horizon", [_horizon_figure(m), _horizon_table(m)]))
     cal = m["calibration"]
@@ -56,7 +57,8 @@ def sections(ev: Evaluation) -> list:
             if "raw" in c:
                 rows.append([f"{kind} (raw draws)", *(c["raw"][f"coverage_{v}"] for v in (50, 80, 90, 95)), ""])
             if "against_truth" in c:
-                rows.append([f"{kind} (against truth)", *(c["against_truth"][f"coverage_{v}"] for v in (50, 80, 90, 95)), ""])
+                truth = c["against_truth"]
+                rows.append([f"{kind} (against truth)", *(truth[f"coverage_{v}"] for v in (50, 80, 90, 95)), ""])
     out.append(("Calibration", [_reliability_figure(ev.plots.get("reliability", {})), rows,
                                 "Bands are recalibrated (split-conformal factors fitted at training on held-out "
                                 "subjects, stored with the model) and scored against held-out observations: a "
@@ -66,10 +68,10 @@ def sections(ev: Evaluation) -> list:
         out.append(("Feature realism", [[["", "Frechet", "KID", "MS-SSIM between samples"],
                                          ["twin (one draw per target)", f["frechet"], f["kid"], f["ms_ssim_diversity"]],
                                          ["copy_last", f["copy_last"]["frechet"], f["copy_last"]["kid"], ""]],
-                                        "Distances between the generated and the acquired scans at the targets over radiomics "
-                                        "features (intensity, GLCM texture, gradient, shape), standardised by the "
-                                        "targets' spread; lower is closer. MS-SSIM between a request's draws: "
-                                        "lower is more diverse."]))
+                                        "Distances between the generated and the acquired scans at the targets over "
+                                        "radiomics features (intensity, GLCM texture, gradient, shape), standardised "
+                                        "by the acquired scans' spread; lower is closer. MS-SSIM between a request's "
+                                        "draws: lower is more diverse."]))
     if "hallucination" in m:
         h = m["hallucination"]
         rows = [["check", "honest outputs flagged",
@@ -85,7 +87,8 @@ def sections(ev: Evaluation) -> list:
         rows = [["", "twin", "ignoring treatment"], ["effect error (biomarkers, in SDs)", s["effect_error"],
                                                      s["effect_error_ignore_treatment"]]]
         if "scan_effect_rmse" in s:
-            rows.append(["effect RMSE (scans, in the brain)", s["scan_effect_rmse"], s["scan_effect_rmse_ignore_treatment"]])
+            rows.append(["effect RMSE (scans, in the brain)", s["scan_effect_rmse"],
+                         s["scan_effect_rmse_ignore_treatment"]])
         out.append(("Treatment scenarios", [rows, "Each held-out subject, known from all its observed visits, replayed "
                                                   "under the cohort's alternative schedule; the effect (received minus "
                                                   "alternative) against the simulator's counterfactual truth."]))

@@ -22,9 +22,10 @@
                       than honest outputs have
 
 volume_rate and state_distance are rules from the training cohort. The other thresholds are
-fitted on honest outputs (point forecasts and draws) of the subjects held out for calibration: each is the conformal (1 - BUDGET) quantile of its statistic there, so each check
-falsely flags about BUDGET of honest outputs of new patients, and no corrupted scan is ever
-seen in fitting them. jacobian, state_distance and samples_disagree judge the request (the
+fitted on honest outputs (point forecasts and draws) of the subjects held out for calibration:
+each is the conformal (1 - BUDGET) quantile of its statistic there, so each check falsely flags
+about BUDGET of honest outputs of new patients, and no corrupted scan is ever seen in fitting
+them. jacobian, state_distance and samples_disagree judge the request (the
 twin's prediction); the others judge the output itself, so any scan can be checked against the
 twin's prediction, not only the twin's own.
 """

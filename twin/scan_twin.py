@@ -873,7 +873,8 @@ def _calibrated(draws: np.ndarray, qs: list[float], factors: dict, centre: np.nd
     for i, level in enumerate(qs):
         f = 0.0 if level == 0.5 else factors.get(round(abs(1 - 2 * level), 12), 1.0)
         # an unbounded band (too few calibration cases for its level) is unbounded even where the draws agree
-        out[i] = centre + f * (q[i] - median) if np.isfinite(f) else np.full_like(centre, np.inf if level > 0.5 else -np.inf)
+        unbounded = np.full_like(centre, np.inf if level > 0.5 else -np.inf)
+        out[i] = centre + f * (q[i] - median) if np.isfinite(f) else unbounded
     for i in range(m - 1, -1, -1):
         out[i] = np.minimum(out[i], out[i + 1])
     for i in range(m + 1, len(qs)):
