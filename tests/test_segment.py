@@ -270,3 +270,19 @@ def test_thresholded_maps_overlap_the_simulators_labels(cohorts):
     print("Dice of map >= 0.5 with the truth labels, pooled:", {k: round(v, 3) for k, v in pooled.items()})
     assert pooled["white_matter"] > 0.7
     assert pooled["enhancing"] > 0.9
+
+
+@pytest.mark.parametrize("kind", ["atrophy", "glioma"])
+def test_a_brain_mask_found_on_an_acquired_scan_overlaps_the_simulators(cohorts, kind):
+    from twin.image_metrics import dice
+    from twin.segment import brain_mask
+
+    ds = cohorts[kind]["ds"]
+    for s in range(ds.sizes["subject"]):
+        first = int(np.flatnonzero(ds.observed.values[s])[0])
+        found = brain_mask(ds.image.values[s, first])
+        assert found.dtype == bool and found.shape == ds.mask.values[s].shape
+        truth = ds.mask.values[s].astype(bool)
+        assert dice(found, truth, spatial_dims=2) > 0.95 and abs(found.sum() / truth.sum() - 1) < 0.1
+    with pytest.raises(InputError, match="no brain"):
+        brain_mask(np.zeros((1, 16, 16)))
