@@ -168,3 +168,21 @@ def test_a_subject_without_scans_is_refused_by_name(cohort, fitted):
     blank["image"] = (blank["image"].dims, image)
     with pytest.raises(InputError, match="sim-0002.*no observed scan"):
         twin.forecast(blank, ["sim-0002"], horizons=[1.0])
+
+
+def test_the_shrinkage_is_the_smallest_within_one_standard_error_of_the_best():
+    from twin.scan_twin import _one_se_choice
+
+    rng = np.random.default_rng(0)
+    group = np.repeat(np.arange(10), 4)
+    noise = rng.normal(0, 1, 40)
+    # a learned change that helps clearly: errors fall steeply towards 1
+    clear = {k: (1 - k) ** 2 * 5 + 0.1 * noise + 3 for k in (0.0, 0.5, 1.0)}
+    assert _one_se_choice(clear, group) == 1.0
+    # one whose gain is below the scatter of the paired differences: no evidence for it, keep copy-last
+    base = rng.normal(3, 1, 40)
+    weak = {k: base - 0.02 * k + 0.3 * rng.normal(0, 1, 40) for k in (0.0, 0.5, 1.0)}
+    best = min(weak, key=lambda k: weak[k].mean())
+    assert best != 0.0 and _one_se_choice(weak, group) == 0.0
+    # the best itself always qualifies
+    assert _one_se_choice({0.3: np.ones(4)}, np.zeros(4)) == 0.3

@@ -484,7 +484,10 @@ def _fit_shrink(twin: ScanTwin, draws: ScanDraws, target: np.ndarray, found: np.
     units of its spread. Code space, not voxels: against a noisy scan any blur of the reference
     lowers the voxel error, so voxel errors would reward blurring as if it were change. The
     registration noise is independent of the forecast, so it adds a constant to every multiple.
-    Grid 0, 0.1, ..., 1; 0 is copy-last.
+    Grid 0, 0.1, ..., 1; 0 is copy-last. The smallest multiple not worse than the best by more than
+    one standard error of the paired difference (over subjects, whose cases share a course) wins:
+    with ten-odd calibration subjects the best multiple is itself noisy, and a change the evidence
+    cannot tell from none is not worth drawing.
     """
     from .registration import remove_rigid
 
@@ -498,10 +501,23 @@ def _fit_shrink(twin: ScanTwin, draws: ScanDraws, target: np.ndarray, found: np.
     predicted = draws.codes[0][s_idx, r_idx]
     scale = observed.transpose(1, 0, *range(2, observed.ndim)).reshape(observed.shape[1], -1).std(axis=1) + 1e-6
     shape = (1, -1, *[1] * (observed.ndim - 2))
-    errors = {shrink: float(np.mean(((shrink * predicted - observed) / scale.reshape(shape)) ** 2))
-              for shrink in SHRINKS}
-    best = min(errors, key=errors.get)
-    return best, {str(k): v for k, v in errors.items()}
+    per_case = {shrink: (((shrink * predicted - observed) / scale.reshape(shape)) ** 2).reshape(len(s_idx), -1).mean(1)
+                for shrink in SHRINKS}
+    return _one_se_choice(per_case, s_idx), {str(k): float(e.mean()) for k, e in per_case.items()}
+
+
+def _one_se_choice(per_case: dict[float, np.ndarray], group: np.ndarray) -> float:
+    """The smallest key whose errors (N,) exceed the lowest mean error's by at most one standard
+    error of their paired difference, the N cases averaged within `group` (N,) first."""
+    best = min(per_case, key=lambda k: per_case[k].mean())
+    groups = np.unique(group)
+    for key in sorted(per_case):
+        d = per_case[key] - per_case[best]
+        by_group = np.asarray([d[group == g].mean() for g in groups])
+        se = by_group.std(ddof=1) / np.sqrt(len(groups)) if len(groups) > 1 else 0.0
+        if by_group.mean() <= se:
+            return key
+    return best
 
 
 def load_twin(path: str | os.PathLike) -> ScanTwin | BiomarkerTwin:
