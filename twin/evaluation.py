@@ -99,7 +99,7 @@ def evaluate(model, ds: xr.Dataset, *, split: str = "test", seed: int | None = N
         bar.update()
         bar.set_postfix_str("hallucination")
         metrics["hallucination"], plots["hallucination"] = _hallucination(model, answers["forecast"] or answered[0],
-                                                                          held, seed)
+                                                                          seed)
         bar.update()
     bar.set_postfix_str("scenario")
     metrics["scenario"] = _scenario(model, scans, held, context, seed, n_samples)
@@ -502,7 +502,7 @@ def _feature(held: xr.Dataset, answered: list, data_range: float, seed: int) -> 
 # ---- hallucination ------------------------------------------------------------------------------
 
 
-def _hallucination(model, ans: _Answer, held: xr.Dataset, seed: int) -> tuple[dict, dict]:
+def _hallucination(model, ans: _Answer, seed: int) -> tuple[dict, dict]:
     """Detection of corrupted outputs and false alarms on honest ones (docs/evaluation.md)."""
     from .hallucination import CORRUPTIONS, corrupt
     from .scan_checks import CHECKS
@@ -511,18 +511,19 @@ def _hallucination(model, ans: _Answer, held: xr.Dataset, seed: int) -> tuple[di
     valid = np.isfinite(draws.dynamics.since)
     honest = {"point": draws.point[0], "draw": draws.scans[0][0]}
     rng = np.random.default_rng(seed)
+    first = next(zip(*np.nonzero(valid)))  # the request whose point forecast the report shows
     failed, examples = {}, {}
     for name, scans in honest.items():
         failed[name], _, _ = model.check(draws, scans)
+        if name == "point":
+            examples["honest"] = (scans[first], failed[name][(slice(None), *first)])
         for kind in CORRUPTIONS:
             bad = scans.copy()
             for s, r in zip(*np.nonzero(valid)):
                 bad[s, r] = corrupt(scans[s, r], draws.mask[s], kind, rng)
             failed[(name, kind)], _, _ = model.check(draws, bad)
             if name == "point":
-                s, r = next(zip(*np.nonzero(valid)))
-                examples[kind] = (bad[s, r], failed[(name, kind)][:, s, r])
-                examples["honest"] = (scans[s, r], failed[name][:, s, r])
+                examples[kind] = (bad[first], failed[(name, kind)][(slice(None), *first)])
     n_honest = 2 * int(valid.sum())
     false_alarm = sum(int(failed[name].any(0)[valid].sum()) for name in honest) / n_honest
     per_kind, detected_total = {}, 0
@@ -538,8 +539,8 @@ def _hallucination(model, ans: _Answer, held: xr.Dataset, seed: int) -> tuple[di
     metrics = {"detection_rate": detected_total / (n_honest * len(CORRUPTIONS)), "false_alarm_rate": false_alarm,
                "outputs": n_honest, "by_corruption": per_kind, "by_check": by_check,
                "thresholds": model.calibration.get("checks", {})}
-    s, r = next(zip(*np.nonzero(valid)))
-    plot = {"reference": draws.reference[s, r], "mask": draws.mask[s], "examples": examples, "checks": list(CHECKS)}
+    plot = {"reference": draws.reference[first], "mask": draws.mask[first[0]], "examples": examples,
+            "checks": list(CHECKS)}
     return metrics, plot
 
 
