@@ -538,7 +538,8 @@ def _hallucination(model, ans: _Answer, seed: int) -> tuple[dict, dict]:
                        for kind in CORRUPTIONS}} for i, c in enumerate(CHECKS)}
     metrics = {"detection_rate": detected_total / (n_honest * len(CORRUPTIONS)), "false_alarm_rate": false_alarm,
                "outputs": n_honest, "by_corruption": per_kind, "by_check": by_check,
-               "thresholds": model.calibration.get("checks", {})}
+               "thresholds": model.calibration.get("checks", {}),
+               "calibration_cases": model.calibration.get("cases", 0)}
     plot = {"reference": draws.reference[first], "mask": draws.mask[first[0]], "examples": examples,
             "checks": list(CHECKS)}
     return metrics, plot

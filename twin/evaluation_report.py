@@ -80,7 +80,8 @@ def sections(ev: Evaluation) -> list:
         out.append(("Hallucination detection", [
             f"{h['outputs']} honest outputs (point forecasts and single draws), each corrupted three ways: "
             f"detection rate {h['detection_rate']:.3f}, false-alarm rate {h['false_alarm_rate']:.3f}; per corruption "
-            + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in h["by_corruption"].items()) + ".",
+            + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in h["by_corruption"].items())
+            + f". The checks' thresholds were fitted on {h['calibration_cases']} held-out calibration scans.",
             _hallucination_figure(ev.plots.get("hallucination")), rows]))
     if m.get("scenario"):
         s = m["scenario"]
