@@ -93,8 +93,6 @@ def requests_of(twin, draws, arm: int = 0, shrink: float | None = None) -> Reque
 
     from twin.data.geometry import voxel_volume_ml
 
-    from .scan_twin import _measured
-
     valid = np.isfinite(draws.dynamics.since)
     s_idx, r_idx = np.nonzero(valid)
     scans = draws.scans[arm][:, s_idx, r_idx]  # (K, N, C, *space)
@@ -102,7 +100,6 @@ def requests_of(twin, draws, arm: int = 0, shrink: float | None = None) -> Reque
     state = draws.dynamics.standardised[arm][0][:, s_idx, r_idx].mean(0)  # (N, B)
     centred = state - np.asarray(twin.limits["state_mean"])
     inv = np.linalg.inv(np.asarray(twin.limits["state_cov"]))
-    ref_vol = _measured(draws.reference, draws.mask, one, twin.channels)[s_idx, r_idx]
     shrink = twin.calibration.get("shrink", 1.0) if shrink is None else shrink
     with torch.no_grad():
         det = twin.decoder.decode(torch.as_tensor(draws.reference[s_idx, r_idx]),
@@ -113,7 +110,8 @@ def requests_of(twin, draws, arm: int = 0, shrink: float | None = None) -> Reque
     return Requests(s_idx=s_idx, r_idx=r_idx, reference=draws.reference[s_idx, r_idx], mask=draws.mask[s_idx],
                     centre=draws.point[arm][s_idx, r_idx], spread=scans.std(axis=0),
                     gap=np.abs(draws.dynamics.since - draws.reference_since)[s_idx, r_idx],
-                    state_d2=np.einsum("nb,bc,nc->n", centred, inv, centred), reference_volumes=ref_vol,
+                    state_d2=np.einsum("nb,bc,nc->n", centred, inv, centred),
+                    reference_volumes=draws.reference_volumes[s_idx, r_idx],
                     voxel_ml=np.asarray([voxel_volume_ml(a) for a in one["affine"].values])[s_idx], jacobian=jacobian,
                     log_jacobian_sd=draws.log_jacobian_sd[arm][s_idx, r_idx])
 

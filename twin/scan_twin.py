@@ -118,7 +118,8 @@ class ScanDraws:
     list of (S, R, C, *space)): the scan of the mean code times the calibrated shrinkage, the
     point forecast; log_jacobian_sd (arm list of (S, R, *space)): the sd over draws of log det J
     of their deformations, how much the draws disagree about local volume (`twin.scan_checks`);
-    NaN pads missing requests everywhere.
+    reference_volumes (S, R, structures): the reference scans' measured volumes, mL, shared by
+    every arm and every check; NaN pads missing requests everywhere.
     """
 
     dynamics: Draws
@@ -130,6 +131,7 @@ class ScanDraws:
     reference_since: np.ndarray
     mask: np.ndarray
     log_jacobian_sd: list
+    reference_volumes: np.ndarray
 
 
 class ScanTwin:
@@ -351,7 +353,8 @@ class ScanTwin:
             log_jacobian_sd.append(sd)
             codes.append(mean_code)
             point.append(self._point(reference, mean_code, mask, self.calibration.get("shrink", 1.0)))
-        return ScanDraws(d, scans, folded, point, codes, reference, ref_since, mask, log_jacobian_sd)
+        return ScanDraws(d, scans, folded, point, codes, reference, ref_since, mask, log_jacobian_sd,
+                         _measured(reference, mask, one, self.channels))
 
     def _point(self, reference: np.ndarray, mean_code: np.ndarray, mask: np.ndarray, shrink: float) -> np.ndarray:
         """The point forecasts (S, R, C, *space): the scans of shrink x the mean codes (S, R, k, *grid)."""
