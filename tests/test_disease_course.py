@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from twin.inference import fit_population, orient_decoder, posterior, sample
+from twin.inference import effect_draws, fit_population, orient_decoder, posterior, sample
 from twin.model import Batch, DiseaseCourse
 
 NAN = float("nan")
@@ -89,7 +89,8 @@ def test_fitted_model_forecasts_held_out_visits_better_than_copying_the_last():
     eta, cov = posterior(model, history)
     later = torch.where(torch.arange(6) >= 3, batch.times, NAN)
     ask = Batch(torch.where(torch.isfinite(later), later, 0.0), batch.y, batch.x, batch.doses)
-    draws, _ = sample(model, ask, eta, cov, 100, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    draws, _ = sample(model, ask, effect_draws(model, history, eta, cov, 100, g, proposals=4), g)
     forecast = draws.median(0).values
     target = torch.isfinite(later)[..., None].expand_as(forecast)
     twin_error = (forecast - clean.y).abs()[target].mean()
@@ -102,11 +103,26 @@ def test_samples_are_seeded_and_observations_are_noisier_than_the_course():
     batch, _, _ = cohort(model, 10, 5)
     eta, cov = posterior(model, batch)
     ask = Batch(torch.where(torch.isfinite(batch.times), batch.times, 0.0), batch.y, batch.x, batch.doses)
-    a_truth, a_obs = sample(model, ask, eta, cov, 50, torch.Generator().manual_seed(7))
-    b_truth, b_obs = sample(model, ask, eta, cov, 50, torch.Generator().manual_seed(7))
+    a_truth, a_obs = sample(model, ask, effect_draws(model, batch, eta, cov, 50, torch.Generator().manual_seed(7),
+                                                     proposals=3), torch.Generator().manual_seed(8))
+    b_truth, b_obs = sample(model, ask, effect_draws(model, batch, eta, cov, 50, torch.Generator().manual_seed(7),
+                                                     proposals=3), torch.Generator().manual_seed(8))
     assert torch.equal(a_truth, b_truth) and torch.equal(a_obs, b_obs)
     assert a_truth.shape == (50, 10, 6, 3)
     assert (a_obs.std(0).mean() > a_truth.std(0).mean())
+
+
+def test_importance_resampling_recovers_the_posterior_from_a_wrong_gaussian():
+    # nothing measured: the exact posterior of the whitened effects is the prior N(0, I)
+    model = truth_model()
+    batch, _, _ = cohort(model, 3, 4)
+    empty = Batch(batch.times, torch.full_like(batch.y, float("nan")), batch.x, batch.doses)
+    P = model.n_effects
+    eta, cov = torch.full((3, P), 0.5), 2.0 * torch.eye(P).expand(3, P, P)
+    plain = effect_draws(model, empty, eta, cov, 4000, torch.Generator().manual_seed(0))
+    fixed = effect_draws(model, empty, eta, cov, 4000, torch.Generator().manual_seed(0), proposals=30)
+    assert abs(plain.mean() - 0.5) < 0.05 and abs(plain.var() - 2.0) < 0.1
+    assert abs(fixed.mean()) < 0.05 and abs(fixed.var() - 1.0) < 0.1
 
 
 def test_spread_update_keeps_the_natural_effects():

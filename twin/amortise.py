@@ -180,7 +180,7 @@ class Amortiser(nn.Module):
 def amortised_posterior(model: DiseaseCourse, amortiser: Amortiser, batch: Batch) -> tuple[Tensor, Tensor]:
     """The encoder's Gaussian in `posterior`'s form: (mean (S, P), diagonal covariance (S, P, P)).
 
-    One forward pass instead of an optimisation per patient; `twin.inference.sample` takes it as is.
+    One forward pass instead of an optimisation per patient; `twin.inference.effect_draws` takes it as is.
     """
     if amortiser.n_effects != model.n_effects:
         raise ValueError(f"amortised_posterior: the amortiser returns {amortiser.n_effects} effects, "

@@ -9,8 +9,9 @@
     BiomarkerTwin.load("model")
 
 The model is `twin.model.DiseaseCourse` fitted by `twin.inference`. Every answer conditions on
-all of a subject's observed visits (the Laplace posterior of its personal effects), draws
-`n_samples` effects and measurements at the requested times, and summarises them: `mean` of
+all of a subject's observed visits (the Laplace posterior of its personal effects, its draws
+importance resampled towards the exact posterior), draws `n_samples` effects and
+measurements at the requested times, and summarises them: `mean` of
 the noise-free draws, `quantiles` of the measurement draws with conformally calibrated
 bands, and plausibility `flags` on the mean. Results are xarray Datasets
 (`twin.results`, `docs/results-format.md`).
@@ -55,7 +56,7 @@ from twin.settings import known_settings
 
 from .amortise import Amortiser, AmortiserConfig, amortised_posterior, fit_amortiser
 from .checkpoint import flatten_optimiser, has_checkpoint, read_checkpoint, unflatten_optimiser, write_checkpoint
-from .inference import fit_population, orient_decoder, posterior, sample
+from .inference import effect_draws, fit_population, orient_decoder, posterior, sample
 from .metrics import HORIZON_EDGES, ConformalCalibration, holdout_subjects
 from .model import FAMILIES, Batch, DiseaseCourse
 from .results import build_result
@@ -78,9 +79,10 @@ class TwinConfig:
     drugs and radiotherapy kill) or "auto" (growth when the cohort has radiotherapy events);
     hidden: width of the learned bend of the disease course (0: the closed-form course);
     iterations, lr, spread_every: the population fit (Adam steps, step size, SAEM spread
-    updates); posterior_steps: L-BFGS iterations of a patient's posterior; n_samples: draws
-    per answer; quantiles: levels reported, symmetric about and including 0.5 (each pair
-    q, 1 - q is a calibrated central band); calibration_fraction: subjects held out of the fit
+    updates); posterior_steps: L-BFGS iterations of a patient's posterior; proposals: Laplace
+    candidates per kept draw, importance resampled towards the exact posterior (1: the Laplace
+    draws as they are); n_samples: draws per answer; quantiles: levels reported, symmetric
+    about and including 0.5 (each pair q, 1 - q is a calibrated central band); calibration_fraction: subjects held out of the fit
     to calibrate the bands (0: calibrate in-sample); seed: initialisation and default draws.
     """
 
@@ -90,6 +92,7 @@ class TwinConfig:
     lr: float = 0.03
     spread_every: int = 25
     posterior_steps: int = 60
+    proposals: int = 4
     n_samples: int = 200
     # the 50/80/90/95% central bands: the levels clinical papers report and `twin evaluate` scores
     quantiles: tuple[float, ...] = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.975)
@@ -104,7 +107,7 @@ class TwinConfig:
                              field="inference")
         if self.family not in ("auto", *FAMILIES):
             raise InputError(f"expected one of {['auto', *FAMILIES]}, got {self.family!r}", source="TwinConfig", field="family")
-        for name, low in (("hidden", 0), ("iterations", 1), ("spread_every", 1), ("posterior_steps", 1),
+        for name, low in (("hidden", 0), ("iterations", 1), ("spread_every", 1), ("posterior_steps", 1), ("proposals", 1),
                           ("n_samples", 2), ("amortiser_steps", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
@@ -432,11 +435,13 @@ class BiomarkerTwin:
             per_subject = [scenario.events_for(float(last[i]), history[i]) for i in range(len(last))]
             arms += [(name, _treatments([e[name] for e in per_subject], st)) for name in scenario.names]
         R = since.shape[1]
+        # the same effect draws and noise for every arm: arms differ by treatment only
+        effects = effect_draws(self.model, batch, eta, cov, n, torch.Generator().manual_seed(seed),
+                               proposals=self.config.proposals)
         truths, draws, also_std = [], [], []
         for _, (doses, fractions) in arms:
-            # the same generator seed for every arm: the same effects and noise, so arms differ by treatment only
-            truth, obs = sample(self.model, batch.with_times(query).with_doses(doses, fractions), eta, cov, n,
-                                torch.Generator().manual_seed(seed))
+            truth, obs = sample(self.model, batch.with_times(query).with_doses(doses, fractions), effects,
+                                torch.Generator().manual_seed(seed + 1))
             truth_std = np.where(pad, np.nan, truth.double().numpy())
             truths.append(st.values(truth_std[:, :, :R]))
             draws.append(np.where(pad[:, :, :R], np.nan, st.values(obs.double().numpy()[:, :, :R])))
@@ -623,8 +628,9 @@ def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: T
                  batch.fractions)
     eta, cov = read(hist)
     query = torch.as_tensor(np.where(target, times, 0.0), dtype=torch.float32)
-    _, obs = sample(model, hist.with_times(query), eta, cov, config.n_samples,
-                    torch.Generator().manual_seed(config.seed))
+    effects = effect_draws(model, hist, eta, cov, config.n_samples, torch.Generator().manual_seed(config.seed),
+                           proposals=config.proposals)
+    _, obs = sample(model, hist.with_times(query), effects, torch.Generator().manual_seed(config.seed + 1))
     q = np.quantile(st.values(obs.double().numpy()), config.quantiles, axis=0)  # (Q, cuts, V, B)
     measured = np.where(ds["observed"].values[..., None], ds["biomarkers"].values, np.nan)[row]
     truth = np.where(target[..., None], measured, np.nan)

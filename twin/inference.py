@@ -7,11 +7,14 @@
   their objectives are independent, so the sum's optimum is each one's), then a Laplace
   approximation, N(MAP, H^-1), from the block-diagonal Hessian (P Hessian-vector products for
   the whole batch, P = effects per patient).
-- `sample`: K draws of each patient's noise-free biomarkers and of new observations.
+- `effect_draws`: K draws of each patient's effects from the Laplace posterior, importance
+  resampled towards the exact one; `sample`: the noise-free biomarkers and new observations
+  of those draws.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -134,13 +137,39 @@ def _block_hessian(f: Callable[[Tensor], Tensor], eta: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sample(model: DiseaseCourse, batch: Batch, eta: Tensor, cov: Tensor, n: int,
-           generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """K = n draws at batch.times, standardised: (truth (K, S, T, B), observation (K, S, T, B))."""
+def effect_draws(model: DiseaseCourse, history: Batch, eta: Tensor, cov: Tensor, n: int, generator: torch.Generator,
+                 *, proposals: int = 1) -> Tensor:
+    """n draws (n, S, P) of each patient's effects from its posterior N(eta, cov) given `history`.
+
+    proposals > 1 corrects the Gaussian by sampling-importance-resampling: n * proposals
+    candidates from N(eta, cov), each weighted by p(history, effect) / N(effect; eta, cov),
+    and n of them drawn by weight. The Laplace Gaussian is symmetric, the posterior is not
+    where a patient's decline may or may not have begun (the sigmoids saturate), and its
+    tail of fast courses pulls forecasts; the weights put that mass back where the data say.
+    """
     S, P = eta.shape
     chol = torch.linalg.cholesky(cov + 1e-6 * torch.eye(P))
-    draws = eta + torch.einsum("spq,ksq->ksp", chol, torch.randn(n, S, P, generator=generator))
+    if proposals <= 1:
+        return eta + torch.einsum("spq,ksq->ksp", chol, torch.randn(n, S, P, generator=generator))
+    candidates, log_w = [], []
+    repeated = history.repeat(n)
+    for _ in range(proposals):  # n candidates at a time: memory as for n plain draws
+        white = torch.randn(n, S, P, generator=generator)
+        draw = eta + torch.einsum("spq,ksq->ksp", chol, white)
+        log_p = model.log_joint(draw.reshape(n * S, P), repeated).reshape(n, S)
+        candidates.append(draw)
+        log_w.append(log_p + 0.5 * white.square().sum(-1))  # - log q, up to a constant per patient
+    candidates, log_w = torch.cat(candidates), torch.cat(log_w)  # (n * proposals, S, ...)
+    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+    pick = torch.multinomial(torch.softmax(log_w, 0).T, n, replacement=True, generator=generator)  # (S, n)
+    return candidates.permute(1, 0, 2)[torch.arange(S)[:, None], pick].permute(1, 0, 2)
+
+
+@torch.no_grad()
+def sample(model: DiseaseCourse, batch: Batch, effects: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Draws at batch.times from effect draws (K, S, P), standardised: (truth (K, S, T, B), observation (K, S, T, B))."""
+    n, S, P = effects.shape
     big = batch.repeat(n)
-    truth = model.predict(draws.reshape(n * S, P), big).reshape(n, S, *batch.times.shape[1:], -1)
+    truth = model.predict(effects.reshape(n * S, P), big).reshape(n, S, *batch.times.shape[1:], -1)
     noise = torch.randn(truth.shape, generator=generator) * torch.exp(model.log_sigma)
     return truth, truth + noise
