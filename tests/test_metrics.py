@@ -11,7 +11,7 @@ import pytest
 from scipy import integrate, stats
 
 from twin.errors import InputError
-from twin.metrics import (ConformalCalibration, bin_labels, by_horizon, conformal_scale, conformal_scores,
+from twin.metrics import (ConformalCalibration, MondrianCalibration, history_groups, pooled_edges, bin_labels, by_horizon, conformal_scale, conformal_scores,
                           coverage, coverage_by_horizon, crps_from_quantiles, crps_from_samples, crps_gaussian,
                           holdout_arrays, holdout_last, holdout_subjects, horizon_bins, horizon_from_history,
                           interval_score, mae_by_horizon)
@@ -192,6 +192,50 @@ def test_apply_scales_about_the_median():
                        np.array([0.5, 3.0, -1.0]))
     np.testing.assert_allclose(lo, [[-1.0, 0.5, NAN]])
     np.testing.assert_allclose(hi, [[7.0, 2.5, NAN]])
+
+
+def test_history_groups_give_long_histories_their_own_factors():
+    # the same bands everywhere, but errors twice as large after 8+ visits (a posterior that
+    # narrowed onto the wrong course): one factor per horizon would under-cover long histories
+    rng = np.random.default_rng(6)
+
+    def cases(n):
+        median, lower, upper, truth, horizon, levels = _forecasts(n, rng, np.ones(3))
+        visits = rng.choice([1, 3, 9], size=n)
+        truth = np.where(visits >= 8, median + 2 * (truth - median), truth)
+        return median, lower, upper, truth, horizon, visits, levels
+
+    cal = MondrianCalibration.fit(*cases(9000))
+    assert cal.visits == (1.0, 2.0, 8.0, math.inf)  # no cases at 4-7 nor 16+: pooled with their neighbours
+    median, lower, upper, truth, horizon, visits, levels = cases(30000)
+    lo, hi = cal.apply(median, lower, upper, horizon, visits)
+    pooled_lo, pooled_hi = ConformalCalibration.fit(median, lower, upper, truth, horizon, levels).apply(
+        median, lower, upper, horizon)
+    long = visits >= 8
+    inside = lambda a, b: ((a[1] <= truth) & (truth <= b[1]))  # noqa: E731  the 90% band
+    assert abs(inside(lo, hi)[long].mean() - 0.9) < 0.02 and abs(inside(lo, hi)[~long].mean() - 0.9) < 0.02
+    assert inside(pooled_lo, pooled_hi)[long].mean() < 0.8
+
+
+def test_mondrian_calibration_round_trips_and_reads_a_single_calibration():
+    rng = np.random.default_rng(7)
+    median, lower, upper, truth, horizon, levels = _forecasts(600, rng, np.ones(3))
+    cal = MondrianCalibration.fit(median, lower, upper, truth, horizon, rng.choice([1, 5], 600), levels)
+    back = MondrianCalibration.from_dict(json.loads(json.dumps(cal.to_dict(), allow_nan=False)))
+    assert back == cal and cal.visits == (1.0, 4.0, math.inf)  # the empty 2-3 merged into the group before
+    single = ConformalCalibration.fit(median, lower, upper, truth, horizon, levels)
+    old = MondrianCalibration.from_dict(single.to_dict())  # a model saved before history groups
+    assert old.groups == (single,) and old.visits == (1.0, math.inf)
+    with pytest.raises(InputError, match=r"^MondrianCalibration: keys"):
+        MondrianCalibration.from_dict({**cal.to_dict(), "extra": 1})
+    with pytest.raises(InputError, match=r"^MondrianCalibration: groups: expected 2"):
+        MondrianCalibration(visits=(1, 2, math.inf), groups=cal.groups[:1])
+
+
+def test_pooling_and_groups_at_the_edges():
+    assert pooled_edges(np.array([0.1] * 40 + [0.7] * 5 + [1.5] * 40), (0, 0.5, 1, 2), 30) == (0.0, 1.0, 2.0)
+    assert pooled_edges(np.array([0.1] * 5 + [1.5] * 40), (0, 0.5, 1, 2), 30) == (0.0, 2.0)  # the first into the next
+    np.testing.assert_array_equal(history_groups([0, 1, 3, 4, 100], (1, 4, math.inf)), [0, 0, 0, 1, 1])
 
 
 # --------------------------------------------------------------------------- splits

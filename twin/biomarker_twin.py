@@ -17,14 +17,16 @@ bands, and plausibility `flags` on the mean. Results are xarray Datasets
 (`twin.results`, `docs/results-format.md`).
 
 Calibration: a `calibration_fraction` of the cohort's subjects (a keyed hash of their ids and
-the seed, `holdout_subjects`) is left out of the fit. Each of them is conditioned on the first
-half of its observed visits and forecast at the rest; `ConformalCalibration` turns those
-forecasts' errors into a band factor per horizon bin and band level. Bins with fewer than
-30 calibration cases are pooled with their neighbours, so a sparse bin does not give infinite
+the seed, `holdout_subjects`) is left out of the fit. Each of them is conditioned on each
+prefix of its observed visits and forecast at the rest; `MondrianCalibration` turns those
+forecasts' errors into a band factor per group of history sizes (1, 2-3, 4-7, 8-15, 16+
+visits: a posterior narrows as the history grows, onto the wrong shape where the model is
+wrong), horizon bin and band level. Groups with fewer than 100 calibration cases and bins
+with fewer than 30 are pooled with their neighbours, so a sparse cell does not give infinite
 bands. The horizon of a request is its distance to the subject's nearest observed visit
 (for a forecast: years after the last visit). calibration_fraction = 0 fits on every subject
 and calibrates on them too: the patient part is still out of sample (the posterior sees only
-the first half), but the population parameters have seen the targets, so bands may be narrow.
+a prefix), but the population parameters have seen the targets, so bands may be narrow.
 
 Plausibility limits come from the fitting subjects: each biomarker's observed range widened
 by a quarter of its width on each side; a rate limit of 3x the steepest per-subject
@@ -57,14 +59,13 @@ from twin.settings import known_settings
 from .amortise import Amortiser, AmortiserConfig, amortised_posterior, fit_amortiser
 from .checkpoint import flatten_optimiser, has_checkpoint, read_checkpoint, unflatten_optimiser, write_checkpoint
 from .inference import effect_draws, fit_population, orient_decoder, posterior, sample
-from .metrics import HORIZON_EDGES, ConformalCalibration, holdout_subjects
+from .metrics import MondrianCalibration, holdout_subjects
 from .model import FAMILIES, Batch, DiseaseCourse
 from .results import build_result
 from .tensors import RADIOTHERAPY, Standardiser
 
 MODEL_FORMAT = "twin-biomarker-model/1"
 INFERENCE = ("laplace", "amortised")
-MIN_CALIBRATION_CASES = 30  # per horizon bin; sparser bins are pooled with a neighbour
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class BiomarkerTwin:
     """
 
     def __init__(self, model: DiseaseCourse, standardiser: Standardiser, config: TwinConfig,
-                 calibration: ConformalCalibration, limits, *, cohort_fingerprint: str = "", amortiser=None,
+                 calibration: MondrianCalibration, limits, *, cohort_fingerprint: str = "", amortiser=None,
                  subjects: Sequence[str] = ()):
         self.model, self.standardiser, self.config = model, standardiser, config
         self.calibration, self.limits, self.cohort_fingerprint = calibration, limits, cohort_fingerprint
@@ -285,7 +286,7 @@ class BiomarkerTwin:
         try:
             config = TwinConfig.from_dict(meta["config"], source=f"{source}: config")
             st = Standardiser.from_dict(meta["standardiser"])
-            calibration = ConformalCalibration.from_dict(meta["calibration"])
+            calibration = MondrianCalibration.from_dict(meta["calibration"])
             limits = Limits(**{k: tuple(_number(v) for v in vals) if k in ("low", "high", "max_rate") else tuple(vals)
                                for k, vals in meta["limits"].items()})
             model = _model(st, config)
@@ -462,7 +463,8 @@ class BiomarkerTwin:
         mean, quantiles, flags, reasons = [], [], [], []
         for name, truth, obs in zip(arms, truths, draws):
             mean.append(truth.mean(0))
-            quantiles.append(_calibrated_quantiles(obs, nearest, self.calibration, config.quantiles))
+            quantiles.append(_calibrated_quantiles(obs, nearest, one["observed"].values.sum(1), self.calibration,
+                                                   config.quantiles))
             f, r = _flags(mean[-1], clock_times, self.limits, [str(s) for s in one["subject"].values])
             flags.append(f)
             reasons += [f"arm {name}: {line}" for line in r] if scenario is not None else r
@@ -603,12 +605,13 @@ def _reader(model: DiseaseCourse, amortiser, config: TwinConfig) -> Callable[[Ba
 
 
 def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: TwinConfig,
-               read: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]) -> ConformalCalibration:
+               read: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]) -> MondrianCalibration:
     """Band factors from forecasting each calibration subject's later visits from its earlier ones.
 
     Every cut is used: a subject with n observed visits is conditioned on its first k and
     forecast at the rest, for k = 1 .. n-1. Users ask with short and with long histories, so
-    the factors are learned over both, binned by horizon.
+    the factors are learned for both: per group of history sizes k, binned by horizon within
+    (`MondrianCalibration.fit`).
     """
     times = np.where(ds["observed"].values, ds["time"].values, np.nan)
     rank = np.argsort(np.argsort(np.where(np.isfinite(times), times, np.inf), axis=1), axis=1)
@@ -637,33 +640,19 @@ def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: T
     last = np.nanmax(np.where(history, times, -np.inf), axis=1)
     horizon = np.where(target, times - last[:, None], np.nan)
     L = len(config.band_levels)
-    edges = _pooled_edges(np.broadcast_to(horizon[..., None], truth.shape)[np.isfinite(truth)])
-    return ConformalCalibration.fit(q[L], q[:L], q[::-1][:L], truth, horizon, config.band_levels, edges)
+    return MondrianCalibration.fit(q[L], q[:L], q[::-1][:L], truth, horizon, k, config.band_levels)
 
 
-def _pooled_edges(horizon: np.ndarray, edges=HORIZON_EDGES, min_count: int = MIN_CALIBRATION_CASES) -> tuple:
-    """HORIZON_EDGES with each bin of fewer than `min_count` cases merged into the bin before it."""
-    edges = list(edges)
-
-    def count(i):
-        return int(((horizon >= edges[i]) & (horizon < edges[i + 1])).sum())
-
-    for i in range(len(edges) - 2, 0, -1):
-        if count(i) < min_count:
-            del edges[i]
-    if len(edges) > 2 and count(0) < min_count:
-        del edges[1]
-    return tuple(edges)
-
-
-def _calibrated_quantiles(obs: np.ndarray, horizon: np.ndarray, calibration: ConformalCalibration,
+def _calibrated_quantiles(obs: np.ndarray, horizon: np.ndarray, visits: np.ndarray, calibration: MondrianCalibration,
                           levels: tuple[float, ...]) -> np.ndarray:
     """(Q, S, R, B) quantiles of draws obs (K, S, R, B), each central band scaled by its calibration
-    factor about the median, then nested (an outer band never inside an inner one)."""
+    factor about the median (by horizon (S, R) and history size visits (S,)), then nested (an
+    outer band never inside an inner one)."""
     q = _quantiles(obs, levels)
     L = len(levels) // 2
     median = q[L]
-    lo, hi = calibration.apply(median, q[:L], q[::-1][:L], np.where(np.isfinite(horizon), horizon, 0.0))
+    lo, hi = calibration.apply(median, q[:L], q[::-1][:L], np.where(np.isfinite(horizon), horizon, 0.0),
+                               np.asarray(visits, dtype=np.float64)[:, None, None])
     for i in range(L - 1, -1, -1):
         inner_lo, inner_hi = (lo[i + 1], hi[i + 1]) if i + 1 < L else (median, median)
         lo[i], hi[i] = np.fmin(lo[i], inner_lo), np.fmax(hi[i], inner_hi)

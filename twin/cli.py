@@ -132,7 +132,8 @@ def _train(args: argparse.Namespace) -> int:
         base = TwinConfig.from_dict(settings, source=args.config) if args.config else TwinConfig()
         config = TwinConfig.from_dict({**base.to_dict(), **given}, source="options")
         twin = BiomarkerTwin.fit(ds, config, checkpoint_dir=args.output, overwrite=args.overwrite, progress=not args.quiet)
-        factors = ", ".join(f"{level:g}: x{f:.2f}" for level, f in zip(twin.calibration.levels, twin.calibration.factors[0]))
+        first = twin.calibration.groups[0]
+        factors = ", ".join(f"{level:g}: x{f:.2f}" for level, f in zip(first.levels, first.factors[0]))
         print(f"wrote {args.output} ({ds.sizes['subject']} subjects, {len(twin.standardiser.biomarker)} biomarkers, "
               f"{config.iterations} steps, seed {config.seed}; band factors at the shortest horizons {factors})")
         return 0
