@@ -125,6 +125,16 @@ def test_importance_resampling_recovers_the_posterior_from_a_wrong_gaussian():
     assert abs(fixed.mean()) < 0.05 and abs(fixed.var() - 1.0) < 0.1
 
 
+def test_importance_resampling_keeps_the_candidates_when_none_can_be_scored(monkeypatch):
+    model = truth_model()
+    batch, _, _ = cohort(model, 2, 4)
+    P = model.n_effects
+    monkeypatch.setattr(model, "log_joint", lambda eta, b: torch.full((eta.shape[0],), float("nan")))
+    draws = effect_draws(model, batch, torch.zeros(2, P), torch.eye(P).expand(2, P, P), 500,
+                         torch.Generator().manual_seed(1), proposals=4)
+    assert torch.isfinite(draws).all() and abs(draws.mean()) < 0.1 and abs(draws.var() - 1) < 0.1
+
+
 def test_spread_update_keeps_the_natural_effects():
     model = truth_model()
     eta = torch.randn(30, model.n_effects)

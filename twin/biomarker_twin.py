@@ -83,8 +83,9 @@ class TwinConfig:
     updates); posterior_steps: L-BFGS iterations of a patient's posterior; proposals: Laplace
     candidates per kept draw, importance resampled towards the exact posterior (1: the Laplace
     draws as they are); n_samples: draws per answer; quantiles: levels reported, symmetric
-    about and including 0.5 (each pair q, 1 - q is a calibrated central band); calibration_fraction: subjects held out of the fit
-    to calibrate the bands (0: calibrate in-sample); seed: initialisation and default draws.
+    about and including 0.5 (each pair q, 1 - q is a calibrated central band);
+    calibration_fraction: subjects held out of the fit to calibrate the bands (0: calibrate
+    in-sample); seed: initialisation and default draws.
     """
 
     family: str = "auto"

@@ -161,6 +161,7 @@ def effect_draws(model: DiseaseCourse, history: Batch, eta: Tensor, cov: Tensor,
         log_w.append(log_p + 0.5 * white.square().sum(-1))  # - log q, up to a constant per patient
     candidates, log_w = torch.cat(candidates), torch.cat(log_w)  # (n * proposals, S, ...)
     log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+    log_w = torch.where(torch.isneginf(log_w).all(0), 0.0, log_w)  # no candidate scored: keep them all alike
     pick = torch.multinomial(torch.softmax(log_w, 0).T, n, replacement=True, generator=generator)  # (S, n)
     return candidates.permute(1, 0, 2)[torch.arange(S)[:, None], pick].permute(1, 0, 2)
 
