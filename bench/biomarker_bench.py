@@ -37,6 +37,10 @@ received schedule minus under the alternative, at every planned visit, against
 truth_biomarkers[factual] - truth_biomarkers[alternative]. A model that ignores treatment
 predicts no effect, so its error is the mean |true effect|.
 
+Skyline (atrophy, split A): a Bayes-optimal forecast of the cognitive score from the simulator's
+own priors, course and measurement model (`bench/atrophy_oracle.py`), which no learned model
+can beat on average; the gap to it is what the twin's population model leaves on the table.
+
 Times are wall-clock seconds on this machine, single process; a final block prints each
 done-when criterion of the dynamics issue, the numbers behind it, and whether it is met.
 """
@@ -165,7 +169,8 @@ def run_cohort(name: str, ds, simulated: bool, config, seed: int) -> dict:
               f"{'scored against noise-free truth at every later planned visit' if simulated else 'scored against held-out observations'}")
         twin, lme, sd, fit = train_models(train, config)
         out[key] = {"what": what, **fit, "train_sd": sd.tolist(),
-                    **evaluate(twin, lme, part, history, target, simulated, sd, effect=simulated and key == "A")}
+                    **evaluate(twin, lme, part, history, target, simulated, sd, effect=simulated and key == "A",
+                               oracle=name == "atrophy" and key == "A")}
         print_split(out[key], out["biomarkers"], units)
     return out
 
@@ -193,7 +198,7 @@ def _varies(ds) -> bool:
 
 
 def evaluate(twin, lme, ds, history: np.ndarray, target: np.ndarray | None, simulated: bool, sd: np.ndarray, *,
-             effect: bool) -> dict:
+             effect: bool, oracle: bool = False) -> dict:
     """Every method's forecasts of one split, scored; `target` (S, V) picks the held-out observed
     visits (None: every observed visit after the history); simulated cohorts are scored at every
     planned visit after the history."""
@@ -270,6 +275,16 @@ def evaluate(twin, lme, ds, history: np.ndarray, target: np.ndarray | None, simu
         rows[label] = row
     raw = {m: [float(np.nanmean(np.abs(p - truth)[..., b])) for b in range(truth.shape[-1])] for m, p in preds.items()}
     out = {"subjects": len(ids), "forecast_seconds_per_subject": forecast_s, "bins": rows, "raw_mae": raw}
+    if oracle:  # the atrophy score's Bayes-optimal forecast from the simulator's own model (bench/atrophy_oracle.py)
+        from atrophy_oracle import SCORE, score_oracle
+
+        t0 = time.perf_counter()
+        b = [str(v) for v in ds["biomarker"].values].index(SCORE)
+        cell = (horizon >= LONG) & np.isfinite(truth[..., b])
+        best = score_oracle(ds, history, np.where(pad, np.nan, at), seed=0)
+        out["oracle"] = {"n": int(cell.sum()), "seconds": time.perf_counter() - t0, "biomarker": SCORE,
+                         "oracle": float(np.abs(best - truth[..., b])[cell].mean()),
+                         **{m: float(np.abs(p[..., b] - truth[..., b])[cell].mean()) for m, p in preds.items()}}
 
     if effect:
         # A scenario replays a held-out patient, as known from all its observed visits, under another
@@ -324,6 +339,12 @@ def print_split(res: dict, biomarkers: list[str], units: list[str]) -> None:
     print(f"  {'biomarker':<26} {'unit':<7} {'twin':>9} {'copy':>9} {'linear':>9} {'LME':>9}")
     for b, (name, unit) in enumerate(zip(biomarkers, units)):
         print(f"  {name:<26} {unit:<7} " + " ".join(f"{res['raw_mae'][m][b]:>9.4g}" for m in ("twin", "copy_last", "linear", "LME")))
+    if "oracle" in res:
+        o = res["oracle"]
+        print(f"{o['biomarker']} >= {LONG:g} y ahead, MAE in points (n={o['n']}): Bayes-optimal from the simulator's own "
+              f"model {o['oracle']:.2f} ({o['oracle'] / o['copy_last']:.2f}x copy-last), twin {o['twin']:.2f} "
+              f"({o['twin'] / o['copy_last']:.2f}x), copy-last {o['copy_last']:.2f}, LME {o['LME']:.2f} "
+              f"[{o['seconds']:.0f} s]")
     if "effect" in res:
         e = res["effect"]
         print(f"treatment effect (factual - alternative), standardised MAE; twin simulate "
