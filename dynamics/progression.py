@@ -39,17 +39,30 @@ class Exposure:
 
     doses: per agent (dose_time (B, E), dose (B, E)) NaN-padded; k, ec50: per agent, numbers
     or (B,) tensors (Emax is 1: the sensitivity s carries the size of the effect);
-    sensitivity: (B, A).
+    sensitivity: (B, A). copies: the batch is that many stacked copies of its first B / copies
+    patients, times and doses alike (as `Batch.repeat` makes for posterior draws): the
+    integrals, which do not depend on a draw's sensitivity, are then computed once per patient.
     """
 
-    def __init__(self, doses: list[tuple[Tensor, Tensor]], k: list, ec50: list, sensitivity: Tensor):
-        self.doses, self.k, self.ec50, self.sensitivity = doses, k, ec50, sensitivity
+    def __init__(self, doses: list[tuple[Tensor, Tensor]], k: list, ec50: list, sensitivity: Tensor, copies: int = 1):
+        self.doses, self.k, self.ec50, self.sensitivity, self.copies = doses, k, ec50, sensitivity, copies
+
+    def integral(self, a: int, t: Tensor) -> Tensor:
+        """int_0^t E_a(C_a) at t: () -> (B,), (B, T) -> (B, T)."""
+        dose_time, dose = self.doses[a]
+        k, ec50 = self.k[a], self.ec50[a]
+        if self.copies == 1:
+            return effect_integral(0.0, t, dose_time, dose, k, emax=1.0, ec50=ec50)
+        S = dose_time.shape[0] // self.copies
+        first = lambda v: v[:S] if torch.is_tensor(v) and v.dim() > 0 else v  # noqa: E731  the first copy's rows
+        x = effect_integral(0.0, first(t), first(dose_time), first(dose), first(k), emax=1.0, ec50=first(ec50))
+        return x.repeat(self.copies, *[1] * (x.dim() - 1))
 
     def __call__(self, t: Tensor) -> Tensor:
         """X at t: () -> (B,), (B, T) -> (B, T)."""
         total = 0.0
-        for a, (dose_time, dose) in enumerate(self.doses):
-            x = effect_integral(0.0, t, dose_time, dose, self.k[a], emax=1.0, ec50=self.ec50[a])
+        for a in range(len(self.doses)):
+            x = self.integral(a, t)
             s = self.sensitivity[:, a]
             total = total + (s if x.dim() == 1 else s[:, None]) * x
         if isinstance(total, float):  # no drugs at all

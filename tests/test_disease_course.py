@@ -129,10 +129,24 @@ def test_importance_resampling_keeps_the_candidates_when_none_can_be_scored(monk
     model = truth_model()
     batch, _, _ = cohort(model, 2, 4)
     P = model.n_effects
-    monkeypatch.setattr(model, "log_joint", lambda eta, b: torch.full((eta.shape[0],), float("nan")))
+    monkeypatch.setattr(model, "log_joint", lambda eta, b, copies=1: torch.full((eta.shape[0],), float("nan")))
     draws = effect_draws(model, batch, torch.zeros(2, P), torch.eye(P).expand(2, P, P), 500,
                          torch.Generator().manual_seed(1), proposals=4)
     assert torch.isfinite(draws).all() and abs(draws.mean()) < 0.1 and abs(draws.var() - 1) < 0.1
+
+
+def test_draws_share_their_patient_exposure_exactly():
+    # copies: the drug integrals of n stacked copies of a batch are computed once, not n times
+    model = truth_model()
+    batch, _, _ = cohort(model, 6, 9)
+    ask = Batch(torch.where(torch.isfinite(batch.times), batch.times, 0.0), batch.y, batch.x, batch.doses)
+    eta = torch.randn(5 * 6, model.n_effects, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        shared = model.predict(eta, ask.repeat(5), copies=5)
+        alone = model.predict(eta, ask.repeat(5))
+        torch.testing.assert_close(shared, alone, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.log_joint(eta, batch.repeat(5), copies=5), model.log_joint(eta, batch.repeat(5)))
+    assert not torch.equal(shared[:6], shared[6:12])  # the draws differ; only the exposure is shared
 
 
 def test_spread_update_keeps_the_natural_effects():

@@ -156,7 +156,7 @@ def effect_draws(model: DiseaseCourse, history: Batch, eta: Tensor, cov: Tensor,
     for _ in range(proposals):  # n candidates at a time: memory as for n plain draws
         white = torch.randn(n, S, P, generator=generator)
         draw = eta + torch.einsum("spq,ksq->ksp", chol, white)
-        log_p = model.log_joint(draw.reshape(n * S, P), repeated).reshape(n, S)
+        log_p = model.log_joint(draw.reshape(n * S, P), repeated, copies=n).reshape(n, S)
         candidates.append(draw)
         log_w.append(log_p + 0.5 * white.square().sum(-1))  # - log q, up to a constant per patient
     candidates, log_w = torch.cat(candidates), torch.cat(log_w)  # (n * proposals, S, ...)
@@ -171,6 +171,6 @@ def sample(model: DiseaseCourse, batch: Batch, effects: Tensor, generator: torch
     """Draws at batch.times from effect draws (K, S, P), standardised: (truth (K, S, T, B), observation (K, S, T, B))."""
     n, S, P = effects.shape
     big = batch.repeat(n)
-    truth = model.predict(effects.reshape(n * S, P), big).reshape(n, S, *batch.times.shape[1:], -1)
+    truth = model.predict(effects.reshape(n * S, P), big, copies=n).reshape(n, S, *batch.times.shape[1:], -1)
     noise = torch.randn(truth.shape, generator=generator) * torch.exp(model.log_sigma)
     return truth, truth + noise

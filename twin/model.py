@@ -149,11 +149,12 @@ class DiseaseCourse(nn.Module):
         """s from zeta: a fraction of the rate for neurodegeneration, any multiple of it for a tumour."""
         return torch.sigmoid(zeta) if self.family == "progression" else torch.exp(zeta)
 
-    def state(self, eta: Tensor, batch: Batch) -> Tensor:
-        """z (S, T) at batch.times."""
+    def state(self, eta: Tensor, batch: Batch, copies: int = 1) -> Tensor:
+        """z (S, T) at batch.times; copies: batch is that many stacked copies of its first S / copies
+        patients (`Batch.repeat`, one copy per posterior draw), so their drug exposure is shared."""
         p = self.personal(eta, batch.x)
         exposure = Exposure(list(batch.doses), list(torch.exp(self.log_k)), list(torch.exp(self.log_ec50)),
-                            self.sensitivity(p["zeta"]))
+                            self.sensitivity(p["zeta"]), copies)
         radiotherapy = alpha = None
         if self.R and batch.fractions is not None:
             radiotherapy, alpha = Radiotherapy(*batch.fractions), torch.exp(p["log_alpha"][:, 0])
@@ -167,17 +168,17 @@ class DiseaseCourse(nn.Module):
             y = y + self.a2 * torch.sigmoid(torch.exp(self.log_v2) * (z[..., None] - self.g2))
         return y
 
-    def predict(self, eta: Tensor, batch: Batch) -> Tensor:
-        """Noise-free standardised biomarkers (S, T, B) at batch.times."""
+    def predict(self, eta: Tensor, batch: Batch, copies: int = 1) -> Tensor:
+        """Noise-free standardised biomarkers (S, T, B) at batch.times (copies: as for `state`)."""
         p = self.personal(eta, batch.x)
-        return self.decode(self.state(eta, batch), p["offset"])
+        return self.decode(self.state(eta, batch, copies), p["offset"])
 
-    def log_joint(self, eta: Tensor, batch: Batch) -> Tensor:
+    def log_joint(self, eta: Tensor, batch: Batch, copies: int = 1) -> Tensor:
         """log p(y, eta) per patient (S,): Gaussian likelihood of what was measured plus the prior."""
         # NaN must not enter the arithmetic at all, even masked: its gradient would be NaN * 0
         seen = torch.isfinite(batch.y) & torch.isfinite(batch.times)[..., None]
         times = torch.where(torch.isfinite(batch.times), batch.times, torch.zeros_like(batch.times))
-        mean = self.predict(eta, Batch(times, batch.y, batch.x, batch.doses, batch.fractions))
+        mean = self.predict(eta, Batch(times, batch.y, batch.x, batch.doses, batch.fractions), copies)
         y = torch.where(seen, batch.y, torch.zeros_like(batch.y))
         resid = torch.where(seen, (y - mean) / torch.exp(self.log_sigma), torch.zeros_like(mean))
         loglik = -0.5 * resid.square() - torch.where(seen, self.log_sigma.expand_as(mean), torch.zeros_like(mean))
