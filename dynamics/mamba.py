@@ -58,8 +58,14 @@ class Posterior:
         return self.log_std.exp()
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n reparameterised draws (n, B, D): mean + std * eps, so gradients reach mean and std."""
-        eps = torch.randn((n, *self.mean.shape), generator=generator, dtype=self.mean.dtype, device=self.mean.device)
+        """n reparameterised draws (n, B, D): mean + std * eps, so gradients reach mean and std.
+
+        eps is drawn on the generator's device and moved: a seeded CPU generator gives the same
+        draws to a posterior on the GPU as on the CPU.
+        """
+        device = self.mean.device if generator is None else generator.device
+        eps = torch.randn((n, *self.mean.shape), generator=generator, dtype=self.mean.dtype, device=device)
+        eps = eps.to(self.mean.device)
         return self.mean + self.std * eps
 
     def log_prob(self, s: Tensor) -> Tensor:

@@ -196,6 +196,11 @@ def _cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
         raise RuntimeError(f'selective_scan: backend="cuda" needs mamba-ssm\'s CUDA kernels, which did not import ({error}); install them with: {INSTALL}')
     if u.dtype not in _KERNEL_DTYPES:
         raise ValueError(f'selective_scan: backend="cuda" takes u in float32, float16 or bfloat16, got {u.dtype}; use backend="torch"')
+    # The kernel wants delta, B, C and z in u's dtype and A, D, delta_bias in float32. Under
+    # autocast they arrive mixed (a softplus'd step in float32, B and C from a bfloat16 linear
+    # layer), which the other backends take as they come: cast here, so "auto" never fails.
+    delta, B, C, z = (t if t is None else t.to(u.dtype) for t in (delta, B, C, z))
+    A, D, delta_bias = (t if t is None else t.float() for t in (A, D, delta_bias))
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 

@@ -146,3 +146,41 @@ def test_bad_histories_say_what_was_expected(change, message):
     tokens, gap, mask = _history([3, 2], fill=0.0)
     with pytest.raises(ValueError, match=message):
         _encoder().posterior(*change(tokens, gap, mask))
+
+
+# on a GPU: the kernel (where mamba-ssm's are installed, else the torch path) and autocast ----------
+
+@pytest.fixture(scope="module")
+def gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+
+
+def _posterior_and_grads(encoder, tokens, gap, mask):
+    q = encoder.posterior(tokens, gap, mask)
+    (q.mean.float().square().sum() + q.log_std.float().sum()).backward()
+    return q, {name: p.grad.detach().cpu() for name, p in encoder.named_parameters()}
+
+
+def test_encoder_on_gpu_matches_the_cpu(gpu):
+    tokens, gap, mask = _history([3, 6, 1, 4], dtype=torch.float32)
+    q, grads = _posterior_and_grads(_encoder(torch.float32), tokens, gap, mask)
+    q_gpu, grads_gpu = _posterior_and_grads(_encoder(torch.float32).cuda(), tokens.cuda(), gap.cuda(), mask.cuda())
+    torch.testing.assert_close(q_gpu.mean.cpu(), q.mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(q_gpu.log_std.cpu(), q.log_std, rtol=1e-4, atol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads_gpu[name], grads[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+    draws = [p.sample(5, torch.Generator().manual_seed(3)).detach().cpu() for p in (q, q_gpu)]
+    torch.testing.assert_close(draws[1], draws[0], rtol=1e-4, atol=1e-4)  # same seed, same draws
+
+
+def test_encoder_under_bfloat16_autocast_stays_near_float32(gpu):
+    tokens, gap, mask = (t.cuda() for t in _history([3, 6, 1, 4], dtype=torch.float32))
+    encoder = _encoder(torch.float32).cuda()
+    q32 = encoder.posterior(tokens, gap, mask)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        q16, grads = _posterior_and_grads(encoder, tokens, gap, mask)
+    torch.testing.assert_close(q16.mean.float(), q32.mean, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(q16.log_std.float(), q32.log_std, rtol=5e-2, atol=5e-2)
+    for name, g in grads.items():
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, name

@@ -202,15 +202,79 @@ def test_auto_on_cpu_is_the_torch_path_and_never_touches_mamba(monkeypatch):
     assert torch.equal(selective_scan(**x), selective_scan(**x, backend="torch"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_kernel_matches_torch_path_on_gpu():
-    if ss._kernel()[0] is None:
-        pytest.skip("mamba-ssm's kernels are not installed")
-    x = {k: v.cuda() for k, v in _inputs(50, dtype=torch.float32).items()}
-    y, last = selective_scan(**x, delta_softplus=True, return_last_state=True, backend="cuda")
-    y_ref, last_ref = selective_scan(**x, delta_softplus=True, return_last_state=True, backend="torch")
+# mamba-ssm's fused CUDA kernel (GPU machines with the `cuda` extra) --------------------------------
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    fn, error = ss._kernel()
+    if fn is None:
+        pytest.skip(f"mamba-ssm's CUDA kernels did not import: {error}")
+    return fn
+
+
+def _on_gpu(inputs, dtype):
+    return {k: v.to("cuda", dtype) for k, v in inputs.items()}
+
+
+def _y_and_grads(backend, inputs, flags, seed=1):
+    """Outputs and the gradients of a fixed random contraction of y alone: the kernel, like
+    mamba-ssm's, does not backpropagate through the last state."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    out = selective_scan(**leaves, **flags, backend=backend)
+    y, last = out if flags.get("return_last_state") else (out, None)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device, y.dtype)
+    grads = torch.autograd.grad((y * w).float().sum(), list(leaves.values()))
+    return y.detach(), last, dict(zip(leaves, grads))
+
+
+def test_auto_on_gpu_takes_the_kernel(kernel, monkeypatch):
+    calls = []
+    real = ss._cuda
+    monkeypatch.setattr(ss, "_cuda", lambda *args: calls.append(args[0].dtype) or real(*args))
+    x = _on_gpu(_inputs(5, dtype=torch.float32), torch.float32)
+    torch.testing.assert_close(selective_scan(**x), selective_scan(**x, backend="torch"), rtol=1e-4, atol=1e-4)
+    assert calls == [torch.float32]
+
+
+@pytest.mark.parametrize("L", [1, 37, 300])
+@pytest.mark.parametrize("groups", [0, 2])
+@pytest.mark.parametrize("option", range(len(OPTIONS)))
+def test_cuda_kernel_matches_torch_path_outputs_and_grads(kernel, L, groups, option):
+    inputs, flags = _pick(_inputs(L, dtype=torch.float32, groups=groups, seed=option), OPTIONS[option])
+    inputs = _on_gpu(inputs, torch.float32)
+    y, last, grads = _y_and_grads("cuda", inputs, flags)
+    y_ref, last_ref, grads_ref = _y_and_grads("torch", inputs, flags)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(last, last_ref, rtol=1e-4, atol=1e-4)
+    if last is not None:
+        torch.testing.assert_close(last, last_ref, rtol=1e-4, atol=1e-4)
+    for name in inputs:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_kernel_in_half_precision_matches_torch_path(kernel, dtype):
+    # Both compute in float32 from the same half inputs: they differ by the rounding of the results.
+    inputs, flags = _pick(_inputs(64, dtype=torch.float32, groups=2), OPTIONS[2])
+    inputs = _on_gpu(inputs, dtype)
+    y, _, grads = _y_and_grads("cuda", inputs, flags)
+    y_ref, _, grads_ref = _y_and_grads("torch", inputs, flags)
+    assert y.dtype == y_ref.dtype == dtype
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    for name in inputs:
+        assert grads[name].dtype == dtype, name
+        torch.testing.assert_close(grads[name].float(), grads_ref[name].float(), rtol=5e-2, atol=5e-2,
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
+def test_cuda_kernel_takes_the_mixed_dtypes_of_autocast(kernel):
+    # Under autocast a softplus'd step comes in float32 and B, C from linear layers in bfloat16;
+    # the kernel alone would refuse the mix.
+    x = _on_gpu(_inputs(20, dtype=torch.float32), torch.float32)
+    mixed = {**x, "B": x["B"].bfloat16(), "C": x["C"].bfloat16(), "D": x["D"].bfloat16()}
+    y = selective_scan(**mixed, delta_softplus=True, backend="cuda")
+    torch.testing.assert_close(y, selective_scan(**mixed, delta_softplus=True, backend="torch"), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
