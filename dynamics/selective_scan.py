@@ -23,6 +23,7 @@ falling back. Complex A (S4D-style) is not supported: Twin's A is real and negat
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -176,11 +177,17 @@ def _reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_
     return (y, h) if return_last_state else y
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel():
-    """(mamba-ssm's selective_scan_fn, None) or (None, the ImportError): imported only on demand."""
+    """(mamba-ssm's selective_scan_fn, None) or (None, why not), imported on first demand, once.
+
+    Once: a failed import is not cached by Python, and "auto" asks on every call on a GPU. Any
+    exception means no kernel: importing mamba-ssm also imports triton and transformers, whose
+    version clashes raise more than ImportError.
+    """
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ImportError as error:
+    except Exception as error:  # noqa: BLE001
         return None, error
     return selective_scan_fn, None
 

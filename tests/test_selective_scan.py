@@ -202,6 +202,27 @@ def test_auto_on_cpu_is_the_torch_path_and_never_touches_mamba(monkeypatch):
     assert torch.equal(selective_scan(**x), selective_scan(**x, backend="torch"))
 
 
+def test_any_failure_to_import_the_kernels_means_none_and_is_tried_once(monkeypatch):
+    import builtins
+
+    real, tries = builtins.__import__, []
+
+    def clash(name, *args, **kwargs):
+        if name.startswith("mamba_ssm"):
+            tries.append(name)
+            raise RuntimeError("triton version clash")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", clash)
+    ss._kernel.cache_clear()
+    try:
+        fn, error = ss._kernel()
+        assert fn is None and "triton version clash" in str(error)
+        assert ss._kernel()[1] is error and len(tries) == 1
+    finally:
+        ss._kernel.cache_clear()
+
+
 # mamba-ssm's fused CUDA kernel (GPU machines with the `cuda` extra) --------------------------------
 
 @pytest.fixture(scope="module")
