@@ -37,7 +37,7 @@ received schedule minus under the alternative, at every planned visit, against
 truth_biomarkers[factual] - truth_biomarkers[alternative]. A model that ignores treatment
 predicts no effect, so its error is the mean |true effect|.
 
-Skyline (atrophy, split A): a Bayes-optimal forecast of the cognitive score from the simulator's
+Skyline (atrophy, both splits): a Bayes-optimal forecast of the cognitive score from the simulator's
 own priors, course and measurement model (`bench/atrophy_oracle.py`), which no learned model
 can beat on average; the gap to it is what the twin's population model leaves on the table.
 
@@ -170,7 +170,7 @@ def run_cohort(name: str, ds, simulated: bool, config, seed: int) -> dict:
         twin, lme, sd, fit = train_models(train, config)
         out[key] = {"what": what, **fit, "train_sd": sd.tolist(),
                     **evaluate(twin, lme, part, history, target, simulated, sd, effect=simulated and key == "A",
-                               oracle=name == "atrophy" and key == "A")}
+                               oracle=name == "atrophy")}
         print_split(out[key], out["biomarkers"], units)
     return out
 
