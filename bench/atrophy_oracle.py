@@ -1,4 +1,4 @@
-"""A Bayes-optimal forecast of the atrophy simulator's cognitive score: the skyline for the twin.
+"""A Bayes-optimal forecast of the atrophy simulator's cognitive score from its history: a skyline for the twin.
 
 It knows how the data were made. Each subject's onset, rate and drug response are drawn
 from the simulator's own priors given its covariates (`twin.data.atrophy.AtrophyConfig`); the
@@ -6,9 +6,15 @@ exact course under the subject's own schedule gives the noise-free score 30 - 25
 every visit; each draw is weighted by the likelihood of the history's scores under the
 simulator's measurement model (N(0, 1) points, rounded, clipped to [0, 30]); the forecast is
 the weighted median (the point that minimises the expected absolute error). No model that
-learns from the cohort can beat it on average, so the gap between it and the twin is what the
-population model still leaves on the table. Only the score has such a closed form: the
-volumes depend on each subject's rendered anatomy.
+reads the same score history can beat it on average; the twin also reads the volumes, which
+carry the same disease stage, so it can (it does on some seeds), and the gap between them is a
+lower bound on what the population model leaves on the table. Only the score has such a closed
+form: the volumes depend on each subject's rendered anatomy.
+
+For the volumes, `level_oracle` gives a bound instead: it is handed each subject's noise-free
+course at every visit and only has to place it, from the history's measurements (volume x (1 +
+1.5% noise)). It knows more than any forecaster can, so no method's error falls below its own,
+and the part of a method's error it shares is the noise in the history, not the model.
 """
 
 from __future__ import annotations
@@ -66,3 +72,17 @@ def score_oracle(ds, history: np.ndarray, at: np.ndarray, *, particles: int = 30
             median = min(int(np.searchsorted(np.cumsum(w[order]), 0.5)), particles - 1)
             out[i, r] = score[order[median], t_hist.size + j]
     return out
+
+
+def level_oracle(truth_history: np.ndarray, measured_history: np.ndarray, truth_at: np.ndarray) -> np.ndarray:
+    """Forecasts (S, R, B) that know the noise-free course and estimate only its level.
+
+    truth_history, measured_history (S, V, B): noise-free and measured values at the history's
+    visits (NaN elsewhere); truth_at (S, R, B): the noise-free values asked for. Measurements are
+    multiplicative (value x (1 + noise)), so the level is the geometric mean of measured / true.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_ratio = np.log(measured_history / truth_history)
+    seen = np.isfinite(log_ratio)
+    level = np.where(seen, log_ratio, 0.0).sum(1) / np.maximum(seen.sum(1), 1)
+    return np.where(seen.any(1)[:, None, :], truth_at * np.exp(level)[:, None, :], np.nan)

@@ -245,3 +245,21 @@ def test_amortised_inference_reads_histories_with_the_mamba_encoder(ds, tmp_path
     xr.testing.assert_allclose(again.forecast(ds, horizons=[0.5, 1.0]), answer)
     with pytest.raises(InputError, match="inference"):
         TwinConfig(inference="guess")
+
+
+def test_a_score_at_its_instruments_ceiling_is_never_forecast_past_it(tmp_path):
+    ds = synthetic_cohort(seed=4)
+    score = ds["biomarkers"].values[..., 1]
+    ceiling = float(np.round(np.nanquantile(score, 0.8)))  # a fifth of the readings pile up there
+    clipped = ds.copy(deep=True)
+    clipped["biomarkers"].values[..., 1] = np.where(np.isfinite(score), np.minimum(np.round(score), ceiling), np.nan)
+    twin = BiomarkerTwin.fit(clipped, FAST, progress=False)
+    ids = [str(s) for s in clipped["subject"].values[:10]]
+    result = twin.forecast(clipped, ids, horizons=[0.5, 2.0], samples=True)
+    drawn = result["samples"].sel(biomarker="score").values
+    assert np.nanmax(drawn) <= ceiling + 1e-6 and (np.abs(drawn - ceiling) < 1e-6).mean() > 0.05
+    assert np.nanmax(result["quantiles"].sel(biomarker="score").values) <= ceiling + 1e-6
+    again = BiomarkerTwin.load(twin.save(tmp_path / "model")).forecast(clipped, ids, horizons=[0.5, 2.0], samples=True)
+    np.testing.assert_array_equal(again["samples"].values, result["samples"].values)
+    # the volume has no instrument's range: its draws are not clipped
+    assert torch.isinf(twin.model.upper_cut[0]) and torch.isinf(twin.model.lower_cut[0])

@@ -159,3 +159,101 @@ def test_spread_update_keeps_the_natural_effects():
         torch.testing.assert_close(before[key], after[key], rtol=1e-5, atol=1e-6)
     # the new spreads are the effects' root mean square, the posterior variance included
     torch.testing.assert_close(model.omega, (before["offset"].square().mean(0) + 0.2 * 0.4**2).sqrt(), rtol=1e-5, atol=1e-6)
+
+
+def ceiling_cohort(model: DiseaseCourse, n: int, seed: int) -> tuple[Batch, Batch]:
+    """The cohort of `cohort` with biomarker 1 read on an instrument that tops out: readings are
+    rounded to 0.25 and recorded at most at the ceiling, 0.25 below the top of the course."""
+    batch, clean, _ = cohort(model, n, seed)
+    top = model.c[1].item() - 0.25  # a falling biomarker: its course starts near c
+    y = batch.y.clone()
+    y[..., 1] = torch.clamp(torch.round(y[..., 1] * 4) / 4, max=top)
+    return Batch(batch.times, y, batch.x, batch.doses), clean
+
+
+def test_set_ranges_finds_a_ceiling_where_readings_pile_up_and_only_on_instruments():
+    model = truth_model()
+    batch, _ = ceiling_cohort(model, 60, 5)
+    model.set_ranges(batch.y, torch.tensor([True, True, False]))
+    top = model.c[1].item() - 0.25
+    seen = batch.y[..., 1][torch.isfinite(batch.y[..., 1])]
+    assert (seen == top).float().mean() > 0.05  # the pile-up the cohort was made with
+    assert abs(float(model.upper_end[1]) - top) < 1e-6
+    assert abs(float(model.upper_cut[1]) - (top - 0.125)) < 1e-6  # half-way to the next reading, 0.25 below
+    assert torch.isinf(model.lower_cut[1]) and torch.isinf(model.lower_end[1])  # no floor where none piles up
+    assert torch.isinf(model.upper_cut[0]) and torch.isinf(model.lower_cut[0])  # continuous readings: no range
+    assert torch.isinf(model.upper_cut[2]) and torch.isinf(model.lower_cut[2])  # not an instrument (a volume)
+
+
+def test_a_reading_past_the_cut_is_censored_in_the_likelihood():
+    from scipy.stats import norm
+
+    model = truth_model()
+    with torch.no_grad():
+        model.upper_cut[1], model.upper_end[1] = 0.5, 0.6
+    times = torch.tensor([[0.0, 1.0]])
+    none = (torch.full((1, 1), NAN), torch.full((1, 1), NAN))
+    eta = torch.zeros(1, model.n_effects)
+    with torch.no_grad():
+        mean = model.predict(eta, Batch(times, torch.full((1, 2, 3), NAN), torch.zeros(1, 1), (none,)))[0, :, 1]
+    sigma = float(np.exp(model.log_sigma[1].item()))
+
+    def log_lik(reading: float) -> float:
+        y = torch.full((1, 2, 3), NAN)
+        y[0, :, 1] = reading
+        with torch.no_grad():
+            return float(model.log_joint(eta, Batch(times, y, torch.zeros(1, 1), (none,)))[0])
+
+    censored = sum(norm.logcdf((float(m) - 0.5) / sigma) for m in mean)
+    assert abs(log_lik(0.6) - censored) < 1e-3  # at the end: only "past the cut"
+    exact = sum(norm.logpdf((0.45 - float(m)) / sigma) - np.log(sigma) + 0.5 * np.log(2 * np.pi) for m in mean)
+    assert abs(log_lik(0.45) - exact) < 1e-3  # inside the range: the Gaussian as before
+
+
+def test_drawn_readings_stay_in_the_instruments_range():
+    model = truth_model()
+    with torch.no_grad():
+        model.upper_cut[1], model.upper_end[1] = 0.2, 0.3
+    truth = torch.full((1000, 3), 0.25)
+    noise = torch.randn(1000, 3, generator=torch.Generator().manual_seed(0))
+    y = model.observe(truth, noise)
+    assert torch.equal(y[:, [0, 2]], (truth + noise)[:, [0, 2]])  # no range, as drawn
+    past = (truth + noise)[:, 1] > 0.2
+    assert past.any() and (~past).any()
+    assert torch.equal(y[past, 1], torch.full((int(past.sum()),), 0.3))  # recorded at the end
+    assert torch.equal(y[~past, 1], (truth + noise)[~past, 1])
+    assert float(y[:, 1].max()) <= 0.3 + 1e-6
+
+
+def test_censoring_keeps_patients_at_the_ceiling_from_reading_as_declined():
+    """Stable patients at a ceiling, 8 readings each: the top reading hides values above it. Read as
+    exact, their levels sink below the course (by about sigma phi(0) / 2 on average); censored,
+    the bias is gone and no patient's level is worse on average."""
+    model = truth_model()
+    with torch.no_grad():
+        model.omega.fill_(1.0)
+    n = 200
+    times = torch.linspace(0.0, 1.0, 8).repeat(n, 1)
+    none = (torch.full((n, 1), NAN), torch.full((n, 1), NAN))
+    x = torch.full((n, 1), -3.0)  # young: far from decline, so biomarker 1 sits on its top c
+    clean = Batch(times, torch.full((n, 8, 3), NAN), x, (none,))
+    eta = torch.zeros(n, model.n_effects)
+    with torch.no_grad():
+        course = model.predict(eta, clean)[..., 1]
+    top = course[0, 0].item()
+    y = torch.full((n, 8, 3), NAN)
+    y[..., 1] = torch.clamp(course + 0.1 * torch.randn(n, 8, generator=torch.Generator().manual_seed(3)), max=top)
+    batch = Batch(times, y, x, (none,))
+
+    def level_error() -> torch.Tensor:  # (n, 8): each patient's fitted course minus the true one
+        eta_map, _ = posterior(model, batch)
+        with torch.no_grad():
+            return model.predict(eta_map, clean)[..., 1] - course
+
+    plain = level_error()
+    with torch.no_grad():
+        model.upper_cut[1], model.upper_end[1] = top - 1e-4, top
+    censored = level_error()
+    assert plain.mean() < -0.02
+    assert censored.mean().abs() < 0.25 * plain.mean().abs()
+    assert censored.abs().mean() <= plain.abs().mean()

@@ -64,7 +64,7 @@ from .model import FAMILIES, Batch, DiseaseCourse
 from .results import build_result
 from .tensors import RADIOTHERAPY, Standardiser
 
-MODEL_FORMAT = "twin-biomarker-model/1"
+MODEL_FORMAT = "twin-biomarker-model/2"  # /2: instruments' ranges (censored readings at a score's ceiling)
 INFERENCE = ("laplace", "amortised")
 
 
@@ -223,6 +223,7 @@ class BiomarkerTwin:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             model = _model(st, config)
+        model.set_ranges(batch.y, torch.tensor([u != "mL" for u in _units(fit_ds)]))
         if resume is None:
             orient_decoder(model, batch)
             eta, start, optimiser_state = None, 0, None
@@ -308,6 +309,12 @@ class BiomarkerTwin:
             p.requires_grad_(False)
         return cls(model, st, config, calibration, limits, cohort_fingerprint=meta.get("cohort_fingerprint", ""),
                    amortiser=amortiser, subjects=meta.get("subjects", ()))
+
+    def _instrument_range(self) -> np.ndarray:
+        """(2, B) lowest and highest reading of each biomarker's instrument, in its units (+-inf: none)."""
+        ends = torch.stack([self.model.lower_end, self.model.upper_end]).double().numpy()
+        with np.errstate(invalid="ignore", over="ignore"):
+            return self.standardiser.values(ends)
 
     def _meta(self) -> dict:
         limits = {k: [_json_number(v) for v in vals] if k in ("low", "high", "max_rate") else list(vals)
@@ -465,7 +472,7 @@ class BiomarkerTwin:
         for name, truth, obs in zip(arms, truths, draws):
             mean.append(truth.mean(0))
             quantiles.append(_calibrated_quantiles(obs, nearest, one["observed"].values.sum(1), self.calibration,
-                                                   config.quantiles))
+                                                   config.quantiles, self._instrument_range()))
             f, r = _flags(mean[-1], clock_times, self.limits, [str(s) for s in one["subject"].values])
             flags.append(f)
             reasons += [f"arm {name}: {line}" for line in r] if scenario is not None else r
@@ -645,10 +652,11 @@ def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: T
 
 
 def _calibrated_quantiles(obs: np.ndarray, horizon: np.ndarray, visits: np.ndarray, calibration: MondrianCalibration,
-                          levels: tuple[float, ...]) -> np.ndarray:
+                          levels: tuple[float, ...], bounds: np.ndarray | None = None) -> np.ndarray:
     """(Q, S, R, B) quantiles of draws obs (K, S, R, B), each central band scaled by its calibration
     factor about the median (by horizon (S, R) and history size visits (S,)), then nested (an
-    outer band never inside an inner one)."""
+    outer band never inside an inner one) and kept within `bounds` (2, B), the instruments'
+    ranges (a widened band reaches no further than a reading can)."""
     q = _quantiles(obs, levels)
     L = len(levels) // 2
     median = q[L]
@@ -658,6 +666,8 @@ def _calibrated_quantiles(obs: np.ndarray, horizon: np.ndarray, visits: np.ndarr
         inner_lo, inner_hi = (lo[i + 1], hi[i + 1]) if i + 1 < L else (median, median)
         lo[i], hi[i] = np.fmin(lo[i], inner_lo), np.fmax(hi[i], inner_hi)
     out = np.concatenate([lo, median[None], hi[::-1]])
+    if bounds is not None:
+        out = np.clip(out, bounds[0], bounds[1])
     return np.where(np.isfinite(median)[None], out, np.nan)
 
 

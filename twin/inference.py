@@ -173,4 +173,4 @@ def sample(model: DiseaseCourse, batch: Batch, effects: Tensor, generator: torch
     big = batch.repeat(n)
     truth = model.predict(effects.reshape(n * S, P), big, copies=n).reshape(n, S, *batch.times.shape[1:], -1)
     noise = torch.randn(truth.shape, generator=generator) * torch.exp(model.log_sigma)
-    return truth, truth + noise
+    return truth, model.observe(truth, noise)

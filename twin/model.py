@@ -14,6 +14,11 @@ family's biomarkers need not be monotone in the burden (a tumour's oedema rim tu
 enhancing core as it grows), so its decoder adds a second sigmoid per biomarker,
 a2_b sigmoid(v2_b (z - g2_b)), starting at a2 = 0.
 
+A score read on an instrument with a range (a ceiling where many readings pile up, e.g. 30 on an
+MMSE-like scale; found by `set_ranges`, never for volumes) is censored there: a reading at the
+end only says the value lies past a cut half-way to the next value read, and drawn readings are
+recorded at the end past the cut, so bands never leave the instrument's range.
+
 Population parameters: the decoder (c, a, v, g), sigma, the drugs' elimination rates and EC50,
 the fixed effects of the covariates (standardised, the baseline on the cohort's clock
 included: age tells a patient's stage) on tau and xi, and the spread of the personal
@@ -123,6 +128,11 @@ class DiseaseCourse(nn.Module):
         self.register_buffer("sd_zeta", torch.ones(A))
         self.register_buffer("sd_alpha", torch.full((self.R,), 0.3))
         self.register_buffer("omega", torch.full((B,), 0.5))
+        # an instrument's range (`set_ranges`): a reading past a cut is recorded at the range's end
+        self.register_buffer("upper_cut", torch.full((B,), math.inf))
+        self.register_buffer("upper_end", torch.full((B,), math.inf))
+        self.register_buffer("lower_cut", torch.full((B,), -math.inf))
+        self.register_buffer("lower_end", torch.full((B,), -math.inf))
         self.progression = Progression(hidden)
 
     @property
@@ -180,9 +190,38 @@ class DiseaseCourse(nn.Module):
         times = torch.where(torch.isfinite(batch.times), batch.times, torch.zeros_like(batch.times))
         mean = self.predict(eta, Batch(times, batch.y, batch.x, batch.doses, batch.fractions), copies)
         y = torch.where(seen, batch.y, torch.zeros_like(batch.y))
-        resid = torch.where(seen, (y - mean) / torch.exp(self.log_sigma), torch.zeros_like(mean))
-        loglik = -0.5 * resid.square() - torch.where(seen, self.log_sigma.expand_as(mean), torch.zeros_like(mean))
-        return loglik.sum((1, 2)) - 0.5 * eta.square().sum(1)
+        sigma = torch.exp(self.log_sigma)
+        loglik = -0.5 * ((y - mean) / sigma).square() - self.log_sigma
+        # A reading at an instrument's end says only that the value lies past the cut (censored).
+        # Read as exact, a ceiling's pile-up (noise above 30 recorded as 30) pulls a patient who
+        # has not declined below the ceiling, and the course forecast from there declines.
+        upper = torch.where(torch.isfinite(self.upper_cut), self.upper_cut, torch.zeros_like(self.upper_cut))
+        lower = torch.where(torch.isfinite(self.lower_cut), self.lower_cut, torch.zeros_like(self.lower_cut))
+        loglik = torch.where(y > self.upper_cut, torch.special.log_ndtr((mean - upper) / sigma), loglik)
+        loglik = torch.where(y < self.lower_cut, torch.special.log_ndtr((lower - mean) / sigma), loglik)
+        return torch.where(seen, loglik, torch.zeros_like(loglik)).sum((1, 2)) - 0.5 * eta.square().sum(1)
+
+    def observe(self, truth: Tensor, noise: Tensor) -> Tensor:
+        """Readings (..., B) of noise-free values: truth + noise, recorded at a range's end past its cut."""
+        y = truth + noise
+        y = torch.where(y > self.upper_cut, self.upper_end.expand_as(y), y)
+        return torch.where(y < self.lower_cut, self.lower_end.expand_as(y), y)
+
+    @torch.no_grad()
+    def set_ranges(self, y: Tensor, instrument: Tensor, pile_up: float = 0.05) -> None:
+        """Find the ends of instruments' ranges in readings y (..., B) (NaN = none) of the biomarkers
+        where `instrument` (B,) is true: an extreme value that at least `pile_up` of the readings sit
+        on (a score's ceiling). Its cut lies half-way to the nearest other value read (30 -> 29.5
+        for an integer score topping out at 30). Volumes are not instruments: a zero is measured."""
+        for b in range(y.shape[-1]):
+            v = y[..., b][torch.isfinite(y[..., b])]
+            if not bool(instrument[b]) or v.numel() == 0:
+                continue
+            for end, cut, sign in ((self.upper_end, self.upper_cut, 1.0), (self.lower_end, self.lower_cut, -1.0)):
+                extreme = sign * (sign * v).max()
+                at = (v - extreme).abs() <= 1e-6 * max(1.0, float(extreme.abs()))
+                if float(at.float().mean()) >= pile_up and bool((~at).any()):
+                    end[b], cut[b] = extreme, (extreme + sign * (sign * v[~at]).max()) / 2
 
     @torch.no_grad()
     def update_spreads(self, eta: Tensor, variance: Tensor, floor: float = 0.02) -> Tensor:
