@@ -469,10 +469,11 @@ class BiomarkerTwin:
         ids = [str(s) for s in one["subject"].values]
 
         mean, quantiles, flags, reasons = [], [], [], []
+        bounds = self._instrument_range()
         for name, truth, obs in zip(arms, truths, draws):
             mean.append(truth.mean(0))
             quantiles.append(_calibrated_quantiles(obs, nearest, one["observed"].values.sum(1), self.calibration,
-                                                   config.quantiles, self._instrument_range()))
+                                                   config.quantiles, bounds))
             f, r = _flags(mean[-1], clock_times, self.limits, [str(s) for s in one["subject"].values])
             flags.append(f)
             reasons += [f"arm {name}: {line}" for line in r] if scenario is not None else r
