@@ -76,6 +76,30 @@ def test_resume_after_interruption_equals_an_uninterrupted_fit(ds, tmp_path):
         BiomarkerTwin.fit(ds, TwinConfig(iterations=5), checkpoint_dir=path, progress=False)
 
 
+def test_a_partial_fit_of_the_older_format_is_not_resumed_and_a_finished_one_loads(ds, tmp_path):
+    # /3 changed the fit (sigma left the optimiser), so an older optimiser's state cannot continue it
+    class Stop(Exception):
+        pass
+
+    def stop_at_17(step, loss):
+        if step == 17:
+            raise Stop
+
+    def as_older(path):
+        meta = json.loads((path / CONFIG).read_text())
+        (path / CONFIG).write_text(json.dumps({**meta, "format": "twin-biomarker-model/2"}))
+
+    partial, finished = tmp_path / "partial", tmp_path / "finished"
+    with pytest.raises(Stop):
+        BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=partial, checkpoint_every=10, on_step=stop_at_17, progress=False)
+    as_older(partial)
+    with pytest.raises(InputError, match=r"another cohort or config \(or twin version\)"):
+        BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=partial, progress=False)
+    BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=finished, progress=False)
+    as_older(finished)
+    assert BiomarkerTwin.load(finished).model.B == ds.sizes["biomarker"]
+
+
 def test_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "m"
     write_checkpoint(path, {"model.w": torch.arange(3.0)}, {"format": "x", "step": 1})
