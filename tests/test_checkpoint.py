@@ -91,9 +91,10 @@ def test_a_partial_fit_of_the_older_format_is_not_resumed_and_a_finished_one_loa
 
     partial, finished = tmp_path / "partial", tmp_path / "finished"
     with pytest.raises(Stop):
-        BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=partial, checkpoint_every=10, on_step=stop_at_17, progress=False)
+        BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=partial, checkpoint_every=10, on_step=stop_at_17,
+                          progress=False)
     as_older(partial)
-    with pytest.raises(InputError, match=r"another cohort or config \(or twin version\)"):
+    with pytest.raises(InputError, match="a partial fit of an older format"):
         BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=partial, progress=False)
     BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=finished, progress=False)
     as_older(finished)

@@ -64,7 +64,8 @@ from .model import FAMILIES, Batch, DiseaseCourse
 from .results import build_result
 from .tensors import RADIOTHERAPY, Standardiser
 
-MODEL_FORMAT = "twin-biomarker-model/3"  # /2: instruments' ranges (censored readings at a score's ceiling); /3: sigma set by its EM step
+# /2: instruments' ranges (censored readings at a score's ceiling); /3: sigma set by its EM step
+MODEL_FORMAT = "twin-biomarker-model/3"
 READABLE = ("twin-biomarker-model/2", MODEL_FORMAT)  # /3 changed the fit (and its optimiser's state), not the model
 INFERENCE = ("laplace", "amortised")
 
@@ -197,8 +198,9 @@ class BiomarkerTwin:
         steps and at the end, and resume a partial training of the same cohort and config found there.
 
         A complete model of the same cohort and config there is loaded, not refitted; one of
-        another cohort, config or format is an error unless `overwrite`. on_step(step, loss) is called
-        after each step (after that step's checkpoint): raising there interrupts the fit.
+        another cohort or config (or a partial fit of an older format) is an error unless
+        `overwrite`. on_step(step, loss) is called after each step (after that step's
+        checkpoint): raising there interrupts the fit.
         """
         fingerprint = cohort_fingerprint(ds)
         resume = None
@@ -207,7 +209,8 @@ class BiomarkerTwin:
             same = (meta.get("cohort_fingerprint") == fingerprint and meta.get("config") == config.to_dict()
                     and meta.get("format") == MODEL_FORMAT)
             if not same and not overwrite:
-                raise InputError("holds a model of another cohort or config (or twin version); choose another directory or overwrite it",
+                raise InputError("holds a model of another cohort or config, or a partial fit of an older format; "
+                                 "choose another directory or overwrite it",
                                  source=str(checkpoint_dir))
             if same and meta.get("complete"):
                 return cls._from_checkpoint(tensors, meta, str(checkpoint_dir))

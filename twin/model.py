@@ -29,9 +29,10 @@ methylation can make a drug work better), o_b ~ N(0, omega_b^2).
 
 Fitting (`fit`) maximises the joint posterior of the population and the training patients'
 effects; the spreads are updated from the effects' moments (as in SAEM), because a gradient
-on them drives the joint mode to zero spread, and so is the noise sigma (`inference.noise_update`:
-at the joint mode the effects absorb part of the noise, and sigma sits 12-25% low). A new patient's effects get a Laplace
-posterior (MAP and inverse Hessian) given the population: forecasts sample it.
+on them drives the joint mode to zero spread, and so is the noise sigma
+(`inference.noise_update`: at the joint mode the effects absorb part of the noise, and sigma
+fitted there sits 12-25% low). A new patient's effects get a Laplace posterior (MAP and
+inverse Hessian) given the population: forecasts sample it.
 """
 
 from __future__ import annotations
