@@ -46,17 +46,23 @@ def test_round_trip_gives_identical_forecasts_and_no_pickle(fitted, ds):
                                 twin.forecast(ds, horizons=[0.5, 2], samples=True))
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_fit(ds, tmp_path):
-    class Stop(Exception):
-        pass
+class Stop(Exception):
+    """Raised from a fit's on_step: an interruption."""
 
-    def stop_at_37(step, loss):
-        if step == 37:
+
+def stop_at(n: int):
+    """An on_step that interrupts the fit after step n."""
+
+    def on_step(step, loss):
+        if step == n:
             raise Stop
+    return on_step
 
+
+def test_resume_after_interruption_equals_an_uninterrupted_fit(ds, tmp_path):
     path = tmp_path / "m"
     with pytest.raises(Stop):
-        BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=path, checkpoint_every=10, on_step=stop_at_37, progress=False)
+        BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=path, checkpoint_every=10, on_step=stop_at(37), progress=False)
     tensors, meta = read_checkpoint(path)
     assert meta["step"] == 30 and not meta["complete"] and "train.eta" in tensors and "adam.0.exp_avg" in tensors
     with pytest.raises(InputError, match="unfinished training .step 30 of 60.; run the training again"):
@@ -78,20 +84,13 @@ def test_resume_after_interruption_equals_an_uninterrupted_fit(ds, tmp_path):
 
 def test_a_partial_fit_of_the_older_format_is_not_resumed_and_a_finished_one_loads(ds, tmp_path):
     # /3 changed the fit (sigma left the optimiser), so an older optimiser's state cannot continue it
-    class Stop(Exception):
-        pass
-
-    def stop_at_17(step, loss):
-        if step == 17:
-            raise Stop
-
     def as_older(path):
         meta = json.loads((path / CONFIG).read_text())
         (path / CONFIG).write_text(json.dumps({**meta, "format": "twin-biomarker-model/2"}))
 
     partial, finished = tmp_path / "partial", tmp_path / "finished"
     with pytest.raises(Stop):
-        BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=partial, checkpoint_every=10, on_step=stop_at_17,
+        BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=partial, checkpoint_every=10, on_step=stop_at(17),
                           progress=False)
     as_older(partial)
     with pytest.raises(InputError, match="a partial fit of an older format"):
