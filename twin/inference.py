@@ -125,13 +125,10 @@ def noise_update(model: DiseaseCourse, eta: Tensor, cov: Tensor, batch: Batch, f
     of the Gaussian beyond the cut (alpha = (cut - f) / s, lambda the inverse Mills ratio).
     The step is sigma^2 <- the mean of E[(y - f)^2] over each biomarker's readings.
     """
-    seen = torch.isfinite(batch.y) & torch.isfinite(batch.times)[..., None]
-    times = torch.where(torch.isfinite(batch.times), batch.times, torch.zeros_like(batch.times))
-    safe = Batch(times, batch.y, batch.x, batch.doses, batch.fractions)
     eta = eta.detach()
-    f = lambda e: model.predict(e, safe)  # noqa: E731
+    f = lambda e: model.at_readings(e, batch)[1]  # noqa: E731
     with torch.no_grad():
-        mean = f(eta)
+        seen, mean = model.at_readings(eta, batch)
     columns = []
     for j in range(eta.shape[1]):
         direction = torch.zeros_like(eta)

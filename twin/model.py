@@ -185,12 +185,17 @@ class DiseaseCourse(nn.Module):
         p = self.personal(eta, batch.x)
         return self.decode(self.state(eta, batch, copies), p["offset"])
 
-    def log_joint(self, eta: Tensor, batch: Batch, copies: int = 1) -> Tensor:
-        """log p(y, eta) per patient (S,): Gaussian likelihood of what was measured plus the prior."""
-        # NaN must not enter the arithmetic at all, even masked: its gradient would be NaN * 0
+    def at_readings(self, eta: Tensor, batch: Batch, copies: int = 1) -> tuple[Tensor, Tensor]:
+        """(seen, mean) (S, V, B): which readings were measured, and the noise-free values at their
+        times (padding's NaN times read as 0: NaN must not enter the arithmetic at all, even masked,
+        as its gradient would be NaN * 0)."""
         seen = torch.isfinite(batch.y) & torch.isfinite(batch.times)[..., None]
         times = torch.where(torch.isfinite(batch.times), batch.times, torch.zeros_like(batch.times))
-        mean = self.predict(eta, Batch(times, batch.y, batch.x, batch.doses, batch.fractions), copies)
+        return seen, self.predict(eta, Batch(times, batch.y, batch.x, batch.doses, batch.fractions), copies)
+
+    def log_joint(self, eta: Tensor, batch: Batch, copies: int = 1) -> Tensor:
+        """log p(y, eta) per patient (S,): Gaussian likelihood of what was measured plus the prior."""
+        seen, mean = self.at_readings(eta, batch, copies)
         y = torch.where(seen, batch.y, torch.zeros_like(batch.y))
         sigma = torch.exp(self.log_sigma)
         loglik = -0.5 * ((y - mean) / sigma).square() - self.log_sigma
