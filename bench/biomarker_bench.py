@@ -93,8 +93,9 @@ def main() -> None:
                         inference=args.inference)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, torch threads {torch.get_num_threads()}")
-    print(f"twin: {iterations} fit steps, {config.n_samples} draws, {config.inference} inference, seed {args.seed}; horizon bins "
-          f"{_labels()}; MAE standardised by training SD", flush=True)
+    print(f"twin: {iterations} + {config.prior_steps} fit steps (joint, then the prior's), {config.n_samples} draws, "
+          f"{config.inference} inference, seed {args.seed}; horizon bins {_labels()}; MAE standardised by training SD",
+          flush=True)
     start = time.perf_counter()
     report = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
               "config": config.to_dict(), "subjects": subjects, "quick": args.quick, "cohorts": {}}

@@ -51,7 +51,7 @@ def synthetic_cohort(n: int = 40, *, seed: int = 0, treated: bool = True) -> xr.
                   baseline_time=rng.uniform(60, 80, n), clock="age (years)")
 
 
-FAST = TwinConfig(iterations=100, n_samples=64, calibration_fraction=0.25)
+FAST = TwinConfig(iterations=100, prior_steps=50, prior_draws=16, n_samples=64, calibration_fraction=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_scenario_factual_is_the_forecast_and_effects_are_paired_differences(twi
 
 def test_unknown_agent_and_bad_requests_are_input_errors(ds, twin):
     untreated = synthetic_cohort(12, treated=False)
-    plain = BiomarkerTwin.fit(untreated, TwinConfig(iterations=5, n_samples=8, calibration_fraction=0.0), progress=False)
+    plain = BiomarkerTwin.fit(untreated, TwinConfig(iterations=5, prior_steps=5, n_samples=8, calibration_fraction=0.0), progress=False)
     with pytest.raises(InputError, match=r"test: arms.double: the model knows no effect of agent 'dmt' \(it was trained on: none\)"):
         plain.simulate(untreated, scenarios())
     with pytest.raises(InputError, match=r"cohort: subject: unknown subject\(s\) \['nobody'\]"):

@@ -17,7 +17,8 @@ from twin.checkpoint import (CONFIG, TENSORS, flatten_optimiser, read_checkpoint
 from twin.data import import_table
 
 LEASPY = os.path.join(os.path.dirname(__file__), "data", "leaspy", "alzheimer.csv")
-CONFIG_FAST = TwinConfig(iterations=60, n_samples=32, calibration_fraction=0.2)
+# 60 joint steps, then 40 of the prior's marginal fit (steps 61-100)
+CONFIG_FAST = TwinConfig(iterations=60, prior_steps=40, prior_draws=16, n_samples=32, calibration_fraction=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +60,25 @@ def stop_at(n: int):
     return on_step
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_fit(ds, tmp_path):
+@pytest.mark.parametrize("stop, saved", [
+    (37, 30),  # in the joint fit (its spreads update at 50, after the resume)
+    (63, 60),  # at the end of the joint fit: the prior's fit starts afresh
+    (93, 90),  # in the prior's fit, off its redraws (before steps 61 and 86), after its averaging began (81)
+])
+def test_resume_after_interruption_equals_an_uninterrupted_fit(ds, fitted, tmp_path, stop, saved):
     path = tmp_path / "m"
     with pytest.raises(Stop):
-        BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=path, checkpoint_every=10, on_step=stop_at(37), progress=False)
+        BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=path, checkpoint_every=10, on_step=stop_at(stop), progress=False)
     tensors, meta = read_checkpoint(path)
-    assert meta["step"] == 30 and not meta["complete"] and "train.eta" in tensors and "adam.0.exp_avg" in tensors
-    with pytest.raises(InputError, match="unfinished training .step 30 of 60.; run the training again"):
+    assert meta["step"] == saved and not meta["complete"] and "train.eta" in tensors and "adam.0.exp_avg" in tensors
+    assert ("train.points" in tensors) == (saved > 60)
+    with pytest.raises(InputError, match=f"unfinished training .step {saved} of 100.; run the training again"):
         BiomarkerTwin.load(path)
     steps = []
     resumed = BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=path, checkpoint_every=10,
                                 on_step=lambda s, _: steps.append(s), progress=False)
-    assert steps[0] == 31 and steps[-1] == 60  # continued, not restarted (spreads update at 50, after the resume)
-    straight = BiomarkerTwin.fit(ds, CONFIG_FAST, progress=False)
+    assert steps[0] == saved + 1 and steps[-1] == 100  # continued, not restarted
+    straight, _ = fitted
     for name, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-6, atol=1e-7)
     assert resumed.calibration == straight.calibration
@@ -83,10 +90,12 @@ def test_resume_after_interruption_equals_an_uninterrupted_fit(ds, tmp_path):
 
 
 def test_a_partial_fit_of_the_older_format_is_not_resumed_and_a_finished_one_loads(ds, tmp_path):
-    # /3 changed the fit (sigma left the optimiser), so an older optimiser's state cannot continue it
+    # /3 and /4 changed the fit (sigma left the optimiser; the prior's marginal fit followed the
+    # joint one), so an older partial fit cannot be continued
     def as_older(path):
         meta = json.loads((path / CONFIG).read_text())
-        (path / CONFIG).write_text(json.dumps({**meta, "format": "twin-biomarker-model/2"}))
+        config = {k: v for k, v in meta["config"].items() if k not in ("prior_steps", "prior_draws")}
+        (path / CONFIG).write_text(json.dumps({**meta, "format": "twin-biomarker-model/3", "config": config}))
 
     partial, finished = tmp_path / "partial", tmp_path / "finished"
     with pytest.raises(Stop):
@@ -97,7 +106,8 @@ def test_a_partial_fit_of_the_older_format_is_not_resumed_and_a_finished_one_loa
         BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=partial, progress=False)
     BiomarkerTwin.fit(ds, CONFIG_FAST, checkpoint_dir=finished, progress=False)
     as_older(finished)
-    assert BiomarkerTwin.load(finished).model.B == ds.sizes["biomarker"]
+    older = BiomarkerTwin.load(finished)
+    assert older.model.B == ds.sizes["biomarker"] and older.config.prior_steps == 0  # it had no such fit
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ def trained(tmp_path_factory):
     subjects = sorted({line.split(",")[0] for line in lines[1:]})[:25]
     (root / "visits.csv").write_text("\n".join([lines[0], *(l for l in lines[1:] if l.split(",")[0] in subjects)]) + "\n")
     assert main(["import", "table", str(root / "visits.csv"), "-o", str(root / "c.zarr"), "-q"]) == 0
-    assert main(["train", str(root / "c.zarr"), "-o", str(root / "m"), "--iterations", "40", "-q"]) == 0
+    assert main(["train", str(root / "c.zarr"), "-o", str(root / "m"), "--iterations", "40", "--prior-steps", "10", "-q"]) == 0
     return root
 
 

@@ -18,7 +18,7 @@ from twin.scan_decoder import DecoderConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_SCANS = ScanConfig(n_samples=4, registration_iterations=10, max_pairs=60, state_draws=4,
-                        dynamics=TwinConfig(iterations=30, n_samples=20),
+                        dynamics=TwinConfig(iterations=30, prior_steps=10, prior_draws=8, n_samples=20),
                         decoder=DecoderConfig(basis_width=8, basis_iterations=10, width=8, iterations=10, batch=16,
                                               sampler_steps=4))
 
@@ -58,7 +58,7 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     (out / "scan-twin-forecasts-of-held-out-patients-7.png").write_bytes(b"an earlier run's")
     report = run_demo(out, seed=0, progress=False, cohorts=(("atrophy", 2), ("glioma", 1)), twin_subjects=20,
-                      held_out=4, fan_charts=2, iterations=30, n_samples=20, scan_subjects=9, scan_held_out=3,
+                      held_out=4, fan_charts=2, iterations=30, prior_steps=10, n_samples=20, scan_subjects=9, scan_held_out=3,
                       scan_config=TINY_SCANS)
     return out, report
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import torch
 
-from twin.inference import effect_draws, fit_population, noise_update, orient_decoder, posterior, sample
+from twin.inference import (defensive, effect_draws, fit_population, noise_update, orient_decoder, posterior,
+                            refine_prior, sample)
 from twin.model import Batch, DiseaseCourse
 
 NAN = float("nan")
@@ -173,6 +175,59 @@ def test_importance_resampling_keeps_the_candidates_when_none_can_be_scored(monk
     draws = effect_draws(model, batch, torch.zeros(2, P), torch.eye(P).expand(2, P, P), 500,
                          torch.Generator().manual_seed(1), proposals=4)
     assert torch.isfinite(draws).all() and abs(draws.mean()) < 0.1 and abs(draws.var() - 1) < 0.1
+
+
+def test_defensive_draws_carry_the_mixtures_density():
+    from scipy.stats import multivariate_normal
+
+    g = torch.Generator().manual_seed(0)
+    eta = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    A = torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
+    C = A @ A.transpose(1, 2) + 0.5 * torch.eye(3, dtype=torch.float64)
+    x, log_q, log_laplace = defensive(eta, torch.linalg.cholesky(C), 8, g, wide=3.0)
+    for s in range(2):
+        narrow = multivariate_normal(eta[s].numpy(), C[s].numpy()).logpdf(x[:, s].numpy())
+        wide = multivariate_normal(eta[s].numpy(), 9 * C[s].numpy()).logpdf(x[:, s].numpy())
+        q = np.logaddexp(narrow, wide) + np.log(0.5)
+        # each up to one constant per patient, the same for both
+        offset = q - log_q[:, s].numpy()
+        assert np.ptp(offset) < 1e-9 and np.allclose(narrow - log_laplace[:, s].numpy(), offset - np.log(0.5))
+    # half the draws come from the Laplace Gaussian, half from one 3 times as wide
+    white = torch.linalg.solve_triangular(torch.linalg.cholesky(C), (x - eta)[..., None], upper=False)[..., 0]
+    radius = white.norm(dim=-1)  # (n, S)
+    assert radius[4:].mean() > 2 * radius[:4].mean()
+
+
+def marginal_loglik(model: DiseaseCourse, batch: Batch, draws: int = 2048, seed: int = 1) -> float:
+    """log p(y | population), up to a constant, by importance sampling around each patient's Laplace posterior."""
+    eta, cov = posterior(model, batch)
+    S, P = eta.shape
+    chol = torch.linalg.cholesky(cov + 1e-6 * torch.eye(P))
+    x, log_q, _ = defensive(eta, chol, draws, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        log_p = model.log_joint(x.reshape(draws * S, P), batch.repeat(draws), copies=draws).reshape(draws, S)
+    log_det = torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(-1)  # q's normaliser, which differs per fit
+    return float((torch.logsumexp(log_p - log_q, 0) + log_det).sum())
+
+
+def test_the_prior_refit_by_the_marginal_likelihood_undoes_the_joint_modes_compression():
+    """At the joint mode a patient whose data only bound its stage (not yet declining, or past
+    the whole course) sits at the prior mean and pulls on nothing: the prior is fitted to the
+    stages seen moving, and the covariate's effect on tau (1.5 in truth) comes out about halved.
+    The marginal fit counts those patients: it raises log p(y | population) and moves the effect back."""
+    truth = truth_model()
+    with torch.no_grad():
+        truth.beta_tau.fill_(1.5)
+    batch, _, _ = cohort(truth, 100, 6)
+    model = copy.deepcopy(truth)
+    eta = fit_population(model, batch, iterations=150, lr=0.05, progress=False)
+    joint_beta, joint_fit = float(model.beta_tau.detach()), marginal_loglik(model, batch)
+    assert joint_beta < 1.0  # compressed
+    decoder = [p.detach().clone() for p in (model.a, model.g, model.log_v, model.log_sigma)]
+    refine_prior(model, batch, eta, iterations=100, draws=32, progress=False)
+    assert marginal_loglik(model, batch) > joint_fit + 1.5  # the estimate's own spread is ~0.6 here
+    assert float(model.beta_tau.detach()) > joint_beta + 0.04
+    assert all(torch.equal(p, q) for p, q in zip((model.a, model.g, model.log_v, model.log_sigma), decoder))
 
 
 def test_draws_share_their_patient_exposure_exactly():

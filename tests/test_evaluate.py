@@ -20,7 +20,7 @@ from twin.scan_checks import FITTED, fit_thresholds
 from twin.scan_decoder import DecoderConfig
 
 TINY = ScanConfig(n_samples=4, registration_iterations=10, state_draws=4,
-                  dynamics=TwinConfig(iterations=40, n_samples=20, posterior_steps=20),
+                  dynamics=TwinConfig(iterations=40, prior_steps=10, prior_draws=8, n_samples=20, posterior_steps=20),
                   decoder=DecoderConfig(basis_iterations=15, iterations=15, width=8, basis_width=8, batch=16,
                                         sampler_steps=5))
 LEASPY = Path(__file__).parent / "data" / "leaspy" / "alzheimer.csv"
@@ -237,8 +237,8 @@ def alzheimer():
     ds = import_table(LEASPY)
     ds = ds.isel(subject=np.arange(60))
     held = holdout_subjects([str(s) for s in ds["subject"].values], 0.25, 0)
-    twin = BiomarkerTwin.fit(ds.isel(subject=np.flatnonzero(~held)), TwinConfig(iterations=60, n_samples=50,
-                                                                               posterior_steps=20), progress=False)
+    twin = BiomarkerTwin.fit(ds.isel(subject=np.flatnonzero(~held)), TwinConfig(iterations=60, prior_steps=20, prior_draws=16,
+                                                                               n_samples=50, posterior_steps=20), progress=False)
     return ds, held, twin
 
 
@@ -282,7 +282,8 @@ def test_cli_train_holdout_then_evaluate_writes_metrics_and_report(alzheimer, tm
     from twin.data import write_cohort
 
     write_cohort(ds, tmp_path / "c.zarr", progress=False)
-    (tmp_path / "cfg.json").write_text(json.dumps({"iterations": 40, "n_samples": 40, "posterior_steps": 15}))
+    (tmp_path / "cfg.json").write_text(json.dumps({"iterations": 40, "prior_steps": 10, "prior_draws": 8, "n_samples": 40,
+                                                   "posterior_steps": 15}))
     assert main(["train", str(tmp_path / "c.zarr"), "--holdout", "0.25", "--config", str(tmp_path / "cfg.json"),
                  "-o", str(tmp_path / "m"), "-q"]) == 0
     model = BiomarkerTwin.load(tmp_path / "m")

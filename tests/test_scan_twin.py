@@ -10,7 +10,7 @@ from twin.scan_decoder import DecoderConfig
 from twin.scan_twin import SCAN_CHECKS
 
 TINY = ScanConfig(n_samples=4, registration_iterations=10, state_draws=4,
-                  dynamics=TwinConfig(iterations=40, n_samples=20, posterior_steps=20),
+                  dynamics=TwinConfig(iterations=40, prior_steps=10, prior_draws=8, n_samples=20, posterior_steps=20),
                   decoder=DecoderConfig(basis_iterations=15, iterations=15, width=8, basis_width=8, batch=16,
                                         sampler_steps=5))
 

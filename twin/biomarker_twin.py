@@ -58,15 +58,17 @@ from twin.settings import known_settings
 
 from .amortise import Amortiser, AmortiserConfig, amortised_posterior, fit_amortiser
 from .checkpoint import flatten_optimiser, has_checkpoint, read_checkpoint, unflatten_optimiser, write_checkpoint
-from .inference import effect_draws, fit_population, orient_decoder, posterior, sample
+from .inference import effect_draws, fit_population, orient_decoder, posterior, refine_prior, sample
 from .metrics import MondrianCalibration, holdout_subjects
 from .model import FAMILIES, Batch, DiseaseCourse
 from .results import build_result
 from .tensors import RADIOTHERAPY, Standardiser
 
-# /2: instruments' ranges (censored readings at a score's ceiling); /3: sigma set by its EM step
-MODEL_FORMAT = "twin-biomarker-model/3"
-READABLE = ("twin-biomarker-model/2", MODEL_FORMAT)  # /3 changed the fit (and its optimiser's state), not the model
+# /2: instruments' ranges (censored readings at a score's ceiling); /3: sigma set by its EM step;
+# /4: the prior refitted by the marginal likelihood after the joint fit (`prior_steps`)
+MODEL_FORMAT = "twin-biomarker-model/4"
+# /3 and /4 changed the fit (and what a partial fit holds), not the model: finished ones load
+READABLE = ("twin-biomarker-model/2", "twin-biomarker-model/3", MODEL_FORMAT)
 INFERENCE = ("laplace", "amortised")
 
 
@@ -82,7 +84,9 @@ class TwinConfig:
     drugs and radiotherapy kill) or "auto" (growth when the cohort has radiotherapy events);
     hidden: width of the learned bend of the disease course (0: the closed-form course);
     iterations, lr, spread_every: the population fit (Adam steps, step size, SAEM spread
-    updates); posterior_steps: L-BFGS iterations of a patient's posterior; proposals: Laplace
+    updates); prior_steps, prior_draws: then the prior of the personal effects refitted by the
+    marginal likelihood (Adam steps; importance draws per patient; 0 steps: the joint fit's
+    prior as it is); posterior_steps: L-BFGS iterations of a patient's posterior; proposals:
     candidates per kept draw, importance resampled towards the exact posterior (1: the Laplace
     draws as they are); n_samples: draws per answer; quantiles: levels reported, symmetric
     about and including 0.5 (each pair q, 1 - q is a calibrated central band);
@@ -95,8 +99,10 @@ class TwinConfig:
     iterations: int = 600
     lr: float = 0.03
     spread_every: int = 25
+    prior_steps: int = 300
+    prior_draws: int = 64
     posterior_steps: int = 60
-    proposals: int = 4
+    proposals: int = 16
     n_samples: int = 200
     # the 50/80/90/95% central bands: the levels clinical papers report and `twin evaluate` scores
     quantiles: tuple[float, ...] = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.975)
@@ -111,8 +117,8 @@ class TwinConfig:
                              field="inference")
         if self.family not in ("auto", *FAMILIES):
             raise InputError(f"expected one of {['auto', *FAMILIES]}, got {self.family!r}", source="TwinConfig", field="family")
-        for name, low in (("hidden", 0), ("iterations", 1), ("spread_every", 1), ("posterior_steps", 1), ("proposals", 1),
-                          ("n_samples", 2), ("amortiser_steps", 1), ("seed", 0)):
+        for name, low in (("hidden", 0), ("iterations", 1), ("spread_every", 1), ("prior_steps", 0), ("prior_draws", 2),
+                          ("posterior_steps", 1), ("proposals", 1), ("n_samples", 2), ("amortiser_steps", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise InputError(f"expected an integer >= {low}, got {value!r}", source="TwinConfig", field=name)
@@ -231,26 +237,40 @@ class BiomarkerTwin:
         model.set_ranges(batch.y, torch.tensor([u != "mL" for u in _units(fit_ds)]))
         if resume is None:
             orient_decoder(model, batch)
-            eta, start, optimiser_state = None, 0, None
+            eta, start, optimiser_state, state = None, 0, None, {}
         else:
             tensors, meta = resume
             model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-            eta, start = tensors["train.eta"], int(meta["step"])
+            state = {k[len("train."):]: v for k, v in tensors.items() if k.startswith("train.")}
+            eta, start = state.pop("eta"), int(meta["step"])
             optimiser_state = unflatten_optimiser(tensors, meta["optimiser_groups"])
+        total = config.iterations + config.prior_steps
 
-        def hook(step: int, loss: float, eta: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
-            if checkpoint_dir is not None and (step % checkpoint_every == 0 or step == config.iterations):
+        def hook(step: int, loss: float, saved: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer) -> None:
+            if checkpoint_dir is not None and (step % checkpoint_every == 0 or step == total):
                 adam, groups = flatten_optimiser(optimiser.state_dict())
-                tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, "train.eta": eta, **adam}
+                tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                           **{f"train.{k}": v for k, v in saved.items()}, **adam}
                 write_checkpoint(checkpoint_dir, tensors, {
                     **_header(config, st, model, fingerprint), "complete": False, "step": step, "loss": loss,
                     "optimiser_groups": groups})
             if on_step is not None:
                 on_step(step, loss)
 
-        fit_population(model, batch, iterations=config.iterations, lr=config.lr, eta=eta, start=start,
-                       spread_every=config.spread_every, optimiser_state=optimiser_state, on_step=hook,
-                       progress=progress)
+        # steps 1..iterations: the joint fit; then prior_steps steps of the prior's marginal fit,
+        # each phase with its own optimiser (a checkpoint holds the state of the phase it was in)
+        if start < config.iterations:
+            eta = fit_population(model, batch, iterations=config.iterations, lr=config.lr, eta=eta, start=start,
+                                 spread_every=config.spread_every, optimiser_state=optimiser_state, on_step=hook,
+                                 progress=progress)
+        if start <= config.iterations:
+            optimiser_state, state = None, {}
+        if config.prior_steps:
+            refine_prior(model, batch, eta, iterations=config.prior_steps, start=max(start - config.iterations, 0),
+                         draws=config.prior_draws, refresh=config.spread_every, lr=config.lr, seed=config.seed,
+                         state={**state, **({"optimiser": optimiser_state} if optimiser_state is not None else {})},
+                         on_step=lambda step, loss, saved, opt: hook(config.iterations + step, loss, saved, opt),
+                         progress=progress)
         for p in model.parameters():
             p.requires_grad_(False)
         amortiser = None
@@ -278,8 +298,9 @@ class BiomarkerTwin:
         """A twin from a model directory written by `fit` or `save`; anything else is an InputError."""
         tensors, meta = read_checkpoint(path)
         if not meta.get("complete"):
-            raise InputError(f"holds an unfinished training (step {meta.get('step')} of "
-                             f"{meta.get('config', {}).get('iterations')}); run the training again to resume it",
+            steps = meta.get("config", {}).get("iterations", 0) + meta.get("config", {}).get("prior_steps", 0)
+            raise InputError(f"holds an unfinished training (step {meta.get('step')} of {steps}); "
+                             "run the training again to resume it",
                              source=str(path))
         return cls._from_checkpoint(tensors, meta, str(path))
 
@@ -291,7 +312,10 @@ class BiomarkerTwin:
         from twin.priors import Limits
 
         try:
-            config = TwinConfig.from_dict(meta["config"], source=f"{source}: config")
+            settings = dict(meta["config"])
+            if meta.get("format") != MODEL_FORMAT:  # fitted before the prior's marginal fit existed
+                settings.setdefault("prior_steps", 0)
+            config = TwinConfig.from_dict(settings, source=f"{source}: config")
             st = Standardiser.from_dict(meta["standardiser"])
             calibration = MondrianCalibration.from_dict(meta["calibration"])
             limits = Limits(**{k: tuple(_number(v) for v in vals) if k in ("low", "high", "max_rate") else tuple(vals)
@@ -325,8 +349,8 @@ class BiomarkerTwin:
         limits = {k: [_json_number(v) for v in vals] if k in ("low", "high", "max_rate") else list(vals)
                   for k, vals in asdict(self.limits).items()}
         return {**_header(self.config, self.standardiser, self.model, self.cohort_fingerprint), "complete": True,
-                "step": self.config.iterations, "calibration": self.calibration.to_dict(), "limits": limits,
-                "subjects": list(self.subjects)}
+                "step": self.config.iterations + self.config.prior_steps, "calibration": self.calibration.to_dict(),
+                "limits": limits, "subjects": list(self.subjects)}
 
     @property
     def fingerprint(self) -> str:

@@ -127,7 +127,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"holding out {int(held.sum())} of {held.size} subjects for `twin evaluate`")
     scans = "image" in ds and not args.biomarkers_only
     settings = _read_json(args.config) if args.config else {}
-    given = {k: getattr(args, k) for k in ("iterations", "hidden", "seed", "calibration_fraction") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("iterations", "prior_steps", "hidden", "seed", "calibration_fraction")
+             if getattr(args, k) is not None}
     if not scans:
         base = TwinConfig.from_dict(settings, source=args.config) if args.config else TwinConfig()
         config = TwinConfig.from_dict({**base.to_dict(), **given}, source="options")
@@ -135,7 +136,8 @@ def _train(args: argparse.Namespace) -> int:
         first = twin.calibration.groups[0]
         factors = ", ".join(f"{level:g}: x{f:.2f}" for level, f in zip(first.levels, first.factors[0]))
         print(f"wrote {args.output} ({ds.sizes['subject']} subjects, {len(twin.standardiser.biomarker)} biomarkers, "
-              f"{config.iterations} steps, seed {config.seed}; band factors at the shortest horizons {factors})")
+              f"{config.iterations} + {config.prior_steps} steps, seed {config.seed}; band factors at the shortest "
+              f"horizons {factors})")
         return 0
     base = ScanConfig.from_dict(settings, source=args.config) if args.config else ScanConfig()
     dynamics = {**base.dynamics.to_dict(), **given}
@@ -298,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "TwinConfig fields for a biomarker twin); options below override it")
     p.add_argument("--biomarkers-only", action="store_true", help="fit the biomarker twin even when the cohort has scans")
     p.add_argument("--iterations", type=_positive_int, help="optimiser steps (default 600)")
+    p.add_argument("--prior-steps", type=_count, help="then steps of the prior's marginal fit (default 300; 0: none)")
     p.add_argument("--hidden", type=int, help="width of the learned bend of the disease course (default 0: closed form)")
     p.add_argument("--seed", type=int, help="random seed of initialisation and sampling (default 0)")
     p.add_argument("--calibration-fraction", type=float,
@@ -363,6 +366,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 

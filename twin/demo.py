@@ -85,19 +85,21 @@ class TwinSection:
 
 def run_demo(out: Path, *, seed: int = 0, progress: bool = True, cohorts=DEMO_COHORTS,
              twin_subjects: int = TWIN_SUBJECTS, held_out: int = HELD_OUT, fan_charts: int = FAN_CHARTS,
-             iterations: int | None = None, n_samples: int | None = None, scan_subjects: int = SCAN_SUBJECTS,
+             iterations: int | None = None, prior_steps: int | None = None, n_samples: int | None = None,
+             scan_subjects: int = SCAN_SUBJECTS,
              scan_held_out: int = SCAN_HELD_OUT, scan_config=None, threads: int | None = 1) -> Path:
     """Simulate, store, validate and draw; fit the biomarker twin and the scan twin and show them
     forecast, fill and replay treatment; return the path of the HTML report, `out`/report.html.
 
     cohorts: ((kind, n_subjects), ...) simulated with images for the pictures. twin_subjects:
     the atrophy cohort for the biomarker twin, of which the last `held_out` are never trained
-    on; fan_charts: held-out patients drawn. iterations, n_samples: the biomarker twin's fit
-    steps and draws (default: TwinConfig's). scan_subjects: the glioma cohort for the scan twin,
-    of which the last `scan_held_out` are never trained on; scan_config: its `ScanConfig`
-    (default `demo_scan_config(seed)`). threads: torch threads for the run, restored after
-    (None: leave torch's setting): the demo's small 2D models gain little from a second thread
-    and lose many times over when another process holds a core. Every random draw follows `seed`.
+    on; fan_charts: held-out patients drawn. iterations, prior_steps, n_samples: the biomarker
+    twin's fit steps (joint, then the prior's) and draws (default: TwinConfig's). scan_subjects:
+    the glioma cohort for the scan twin, of which the last `scan_held_out` are never trained
+    on; scan_config: its `ScanConfig` (default `demo_scan_config(seed)`). threads: torch
+    threads for the run, restored after (None: leave torch's setting): the demo's small 2D
+    models gain little from a second thread and lose many times over when another process
+    holds a core. Every random draw follows `seed`.
     """
     if not 1 <= held_out <= twin_subjects - 5:
         raise InputError(f"expected 1 <= held_out <= twin_subjects - 5 (the twin needs subjects to fit on), got "
@@ -128,7 +130,7 @@ def run_demo(out: Path, *, seed: int = 0, progress: bool = True, cohorts=DEMO_CO
                            "the most visits among the treated:", figure,
                            [["property", "value"], *([str(k), str(v)] for k, v in describe(ds).items())]]))
         twin = _biomarker_twin(seed=seed, n_subjects=twin_subjects, held_out=held_out, fan_charts=fan_charts,
-                               iterations=iterations, n_samples=n_samples, progress=progress)
+                               iterations=iterations, prior_steps=prior_steps, n_samples=n_samples, progress=progress)
         parts += _biomarker_sections(twin)
         seconds.update({("biomarker twin", k): v for k, v in twin.seconds.items()})
         config = demo_scan_config(seed) if scan_config is None else scan_config
@@ -191,13 +193,15 @@ def _write_report(out: Path, sections) -> Path:
 
 
 def _biomarker_twin(*, seed: int, n_subjects: int, held_out: int, fan_charts: int,
-                   iterations: int | None, n_samples: int | None, progress: bool) -> TwinSection:
+                   iterations: int | None, prior_steps: int | None, n_samples: int | None,
+                   progress: bool) -> TwinSection:
     """Fit the twin on an atrophy cohort less its last `held_out` subjects; forecast, fill and replay them."""
     from twin import BiomarkerTwin, TwinConfig
     from twin.baselines import copy_last
 
     defaults = TwinConfig()
     config = TwinConfig(seed=seed, iterations=iterations or defaults.iterations,
+                        prior_steps=defaults.prior_steps if prior_steps is None else prior_steps,
                         n_samples=n_samples or defaults.n_samples)
     seconds = {}
     t0 = time.perf_counter()
@@ -212,7 +216,7 @@ def _biomarker_twin(*, seed: int, n_subjects: int, held_out: int, fan_charts: in
     twin = BiomarkerTwin.fit(ds.isel(subject=slice(0, n_subjects - held_out)), config, progress=progress)
     seconds["fit"] = time.perf_counter() - t0
     if progress:
-        print(f"twin: fitted in {seconds['fit']:.1f} s ({config.iterations} steps)")
+        print(f"twin: fitted in {seconds['fit']:.1f} s ({config.iterations} + {config.prior_steps} steps)")
 
     # Forecast: each held-out patient conditioned on the first half of its observed visits,
     # asked at every later planned visit (missed ones too: the truth exists there).
@@ -407,7 +411,8 @@ def _biomarker_sections(twin: TwinSection) -> list:
     parts = [
         ("Biomarker twin", [
             f"A 2D atrophy cohort of {twin.n_subjects} simulated subjects ({sec['simulate']:.1f} s). The twin was "
-            f"fitted on the first {twin.n_fit} ({c['iterations']} steps, {sec['fit']:.1f} s; "
+            f"fitted on the first {twin.n_fit} ({c['iterations']} + {c.get('prior_steps', 0)} steps, "
+            f"{sec['fit']:.1f} s; "
             f"{c['calibration_fraction']:.0%} of them held apart to calibrate its bands); the last "
             f"{len(twin.held_out)} ({twin.held_out[0]} to {twin.held_out[-1]}) were never trained on. Each held-out "
             "patient is conditioned on the first half of its observed visits and forecast at every later planned "

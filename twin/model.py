@@ -31,8 +31,11 @@ Fitting (`fit`) maximises the joint posterior of the population and the training
 effects; the spreads are updated from the effects' moments (as in SAEM), because a gradient
 on them drives the joint mode to zero spread, and so is the noise sigma
 (`inference.noise_update`: at the joint mode the effects absorb part of the noise, and sigma
-fitted there sits 12-25% low). A new patient's effects get a Laplace posterior (MAP and
-inverse Hessian) given the population: forecasts sample it.
+fitted there sits 12-25% low). Then the prior of the effects (their fixed effects and
+spreads) is refitted by the marginal likelihood (`inference.refine_prior`): at the joint mode
+a patient whose data only bound its effects pulls on nothing, and the prior fits the stages
+seen declining. A new patient's effects get a Laplace posterior (MAP and inverse Hessian) given
+the population: forecasts sample it.
 """
 
 from __future__ import annotations
