@@ -268,7 +268,7 @@ class BiomarkerTwin:
         if config.prior_steps:
             refine_prior(model, batch, eta, iterations=config.prior_steps, start=max(start - config.iterations, 0),
                          draws=config.prior_draws, refresh=config.spread_every, lr=config.lr, seed=config.seed,
-                         state={**state, **({"optimiser": optimiser_state} if optimiser_state is not None else {})},
+                         state=state, optimiser_state=optimiser_state,
                          on_step=lambda step, loss, saved, opt: hook(config.iterations + step, loss, saved, opt),
                          progress=progress)
         for p in model.parameters():

@@ -97,6 +97,7 @@ def posterior(model: DiseaseCourse, batch: Batch, *, steps: int = 60,
     shape = (len(batch), model.n_effects)
     if init is not None and tuple(init.shape) != shape:
         raise ValueError(f"posterior: init must be (S, P) = {shape}, got {tuple(init.shape)}")
+    trainable = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
@@ -113,9 +114,9 @@ def posterior(model: DiseaseCourse, batch: Batch, *, steps: int = 60,
         optimiser.step(closure)
         eta = eta.detach()
         return eta, _laplace_covariance(model, eta, batch)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+    finally:  # as they were: a caller training some parameters keeps its choice
+        for p, flag in zip(model.parameters(), trainable):
+            p.requires_grad_(flag)
 
 
 def noise_update(model: DiseaseCourse, eta: Tensor, cov: Tensor, batch: Batch, floor: float = 1e-3) -> None:
@@ -160,6 +161,7 @@ SPREADS = ("sd_xi", "sd_zeta", "sd_alpha", "omega")
 
 def refine_prior(model: DiseaseCourse, batch: Batch, eta: Tensor, *, iterations: int, start: int = 0,
                  draws: int = 64, refresh: int = 25, lr: float = 0.03, seed: int = 0, state: dict | None = None,
+                 optimiser_state: dict | None = None,
                  on_step: Callable[[int, float, dict[str, Tensor], torch.optim.Optimizer], None] | None = None,
                  progress: bool = True) -> None:
     """Refit the prior of the personal effects by the marginal likelihood, steps `start` to `iterations`.
@@ -184,14 +186,17 @@ def refine_prior(model: DiseaseCourse, batch: Batch, eta: Tensor, *, iterations:
     the prior's density moving), the fit went further towards the marginal optimum given the
     joint fit's decoder, and forecast worse on the atrophy benchmark (README).
     The spreads are optimised on the log scale (they are buffers of the model, set here).
-    state: what `on_step` received at the step resumed from ({"eta", "points", "log_q",
-    "log_<spread>", "mean_<parameter>"}, and the optimiser's state_dict under "optimiser");
-    on_step(step, loss, tensors, optimiser) is called after each step.
+    state, optimiser_state: what `on_step` received at the step resumed from ({"eta", "points",
+    "log_q", "log_<spread>", "mean_<parameter>"}, and the optimiser's state_dict); on_step(step,
+    loss, tensors, optimiser) is called after each step.
     """
     from tqdm.auto import tqdm
 
     fixed = {name: getattr(model, name) for name in PRIOR if getattr(model, name).numel()}
     others = [p for name, p in model.named_parameters() if name not in PRIOR]
+    trainable = [p.requires_grad for p in others]
+    for p in others:  # held as the joint fit left them: no gradients to compute
+        p.requires_grad_(False)
     spreads = [name for name in SPREADS if getattr(model, name).numel()]
     state = state or {}
     log_sd = {name: state.get(f"log_{name}", torch.log(getattr(model, name))).detach().clone().requires_grad_(True)
@@ -200,8 +205,8 @@ def refine_prior(model: DiseaseCourse, batch: Batch, eta: Tensor, *, iterations:
     tracked = {**fixed, **{f"log_{name}": v for name, v in log_sd.items()}}
     begin = iterations // 2  # the iterates from here on are averaged (Polyak-Ruppert)
     average = {key: state[f"mean_{key}"].clone() for key in tracked if f"mean_{key}" in state}
-    if "optimiser" in state:
-        optimiser.load_state_dict(state["optimiser"])
+    if optimiser_state is not None:
+        optimiser.load_state_dict(optimiser_state)
     n_measured = int(torch.isfinite(batch.y).sum())
     repeated = batch.repeat(draws)
     S, P = eta.shape
@@ -211,8 +216,6 @@ def refine_prior(model: DiseaseCourse, batch: Batch, eta: Tensor, *, iterations:
         if step % refresh == 0 or points is None:
             _set_spreads(model, log_sd, grad=False)
             eta, cov = posterior(model, batch, init=eta)
-            for p in others:  # held as the joint fit left them: no gradients to compute
-                p.requires_grad_(False)
             chol = torch.linalg.cholesky(cov + 1e-6 * torch.eye(P))
             # a generator per redraw, from the seed and the step: a resumed fit redraws the same
             points, log_q, _ = defensive(eta, chol, draws, torch.Generator().manual_seed(seed * 100_003 + step))
@@ -240,8 +243,8 @@ def refine_prior(model: DiseaseCourse, batch: Batch, eta: Tensor, *, iterations:
             if key in average:  # (none when resumed at the very end)
                 v.copy_(average[key])
     _set_spreads(model, log_sd, grad=False)
-    for p in others:
-        p.requires_grad_(True)
+    for p, flag in zip(others, trainable):
+        p.requires_grad_(flag)
 
 
 def _set_spreads(model: DiseaseCourse, log_sd: dict[str, Tensor], *, grad: bool) -> None:
