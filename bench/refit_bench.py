@@ -35,12 +35,13 @@ HORIZON = 4.0  # years: the prior course's change reported
 
 
 def draw_cohort(twin, ds, seed: int):
-    """A copy of cohort `ds` whose biomarkers are drawn from `twin`'s model, and (its truth (S, V, B), effects)."""
+    """A copy of cohort `ds` whose readings and factual noise-free truth are drawn from `twin`'s model:
+    each subject's effects from its prior, readings with its noise at the visits `ds` observed."""
     from twin.model import Batch
 
     model, st = twin.model, twin.standardiser
     planned = ds["time"].values
-    b = st.batch(ds, times=np.where(np.isfinite(planned), planned, 0.0))
+    b = st.batch(ds, times=np.where(np.isfinite(planned), planned, 0.0))  # padding read at 0, masked below
     g = torch.Generator().manual_seed(seed)
     eta = torch.randn(len(b), model.n_effects, generator=g)
     with torch.no_grad():
