@@ -37,15 +37,13 @@ HORIZON = 4.0  # years: the prior course's change reported
 def draw_cohort(twin, ds, seed: int):
     """A copy of cohort `ds` whose readings and factual noise-free truth are drawn from `twin`'s model:
     each subject's effects from its prior, readings with its noise at the visits `ds` observed."""
-    from twin.model import Batch
-
     model, st = twin.model, twin.standardiser
     planned = ds["time"].values
     b = st.batch(ds, times=np.where(np.isfinite(planned), planned, 0.0))  # padding read at 0, masked below
     g = torch.Generator().manual_seed(seed)
     eta = torch.randn(len(b), model.n_effects, generator=g)
     with torch.no_grad():
-        truth = model.predict(eta, Batch(b.times, b.y, b.x, b.doses, b.fractions))
+        truth = model.predict(eta, b)
         y = model.observe(truth, torch.randn(truth.shape, generator=g) * torch.exp(model.log_sigma))
     at = np.isfinite(planned)[..., None]
     truth_u = np.where(at, st.values(truth.numpy().astype(np.float64)), np.nan)
@@ -104,7 +102,6 @@ def main() -> None:
         print(f"\n== seed {seed}: a cohort of {args.subjects} subjects drawn from the twin fitted on the simulator's "
               f"split-B training data")
         print(f"{'':8} {'twin / copy-last':>17} {'LME / copy-last':>16}   90% band per horizon bin")
-        course = {}
         for key, (train, part, hist, tgt) in splits.items():
             refit = BiomarkerTwin.fit(train, config, progress=False)
             lme = MixedEffects.fit(*cohort_arrays(train, baseline_time=bb._varies(train)))
