@@ -213,7 +213,7 @@ def marginal_loglik(model: DiseaseCourse, batch: Batch, draws: int = 2048, seed:
 def test_the_prior_refit_by_the_marginal_likelihood_undoes_the_joint_modes_compression():
     """At the joint mode a patient whose data only bound its stage (not yet declining, or past
     the whole course) sits at the prior mean and pulls on nothing: the prior is fitted to the
-    stages seen moving, and the covariate's effect on tau (1.5 in truth) comes out about halved.
+    stages seen moving, and the covariate's effect on tau (1.5 in truth) comes out about 3/4 of it.
     The marginal fit counts those patients: it raises log p(y | population) and moves the effect back."""
     truth = truth_model()
     with torch.no_grad():
@@ -222,7 +222,7 @@ def test_the_prior_refit_by_the_marginal_likelihood_undoes_the_joint_modes_compr
     model = copy.deepcopy(truth)
     eta = fit_population(model, batch, iterations=150, lr=0.05, progress=False)
     joint_beta, joint_fit = float(model.beta_tau.detach()), marginal_loglik(model, batch)
-    assert joint_beta < 1.0  # compressed
+    assert joint_beta < 1.3  # compressed
     decoder = [p.detach().clone() for p in (model.a, model.g, model.log_v, model.log_sigma)]
     refine_prior(model, batch, eta, iterations=100, draws=32, progress=False)
     assert marginal_loglik(model, batch) > joint_fit + 1.5  # the estimate's own spread is ~0.6 here
@@ -250,10 +250,41 @@ def test_spread_update_keeps_the_natural_effects():
     before = model.personal(eta, torch.zeros(30, 1))
     after_eta = model.update_spreads(eta, torch.full_like(eta, 0.2))
     after = model.personal(after_eta, torch.zeros(30, 1))
-    for key in ("xi", "zeta", "offset"):
+    for key in ("zeta", "offset"):
         torch.testing.assert_close(before[key], after[key], rtol=1e-5, atol=1e-6)
+    # xi's spread is as it was; its mean moved with z's unit (`rescale_state`)
+    torch.testing.assert_close(before["xi"] - before["xi"].mean(), after["xi"] - after["xi"].mean(), rtol=1e-5, atol=1e-5)
     # the new spreads are the effects' root mean square, the posterior variance included
     torch.testing.assert_close(model.omega, (before["offset"].square().mean(0) + 0.2 * 0.4**2).sqrt(), rtol=1e-5, atol=1e-6)
+
+
+def test_rescaling_the_state_leaves_every_forecast_as_it_was():
+    # a tumour course with all that reads z: a learned bend, a drug, radiotherapy, second sigmoids
+    torch.manual_seed(3)
+    model = DiseaseCourse(n_biomarkers=2, n_covariates=1, n_drugs=1, hidden=8, dose_scale=(10.0,),
+                          family="growth", radiotherapy=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    n = 6
+    times = torch.linspace(0.0, 2.0, 5).expand(n, 5)
+    dose_time = (0.2 + torch.arange(6) / 12.0).expand(n, 6)
+    fraction_time = (0.1 + torch.arange(10) / 365.25).expand(n, 10)
+    batch = Batch(times, torch.full((n, 5, 2), NAN), torch.randn(n, 1), ((dose_time, torch.full((n, 6), 10.0)),),
+                  (fraction_time, torch.full((n, 10), 2.0)))
+    eta = torch.randn(n, model.n_effects)
+    with torch.no_grad():
+        before = model.predict(eta, batch)
+        model.rescale_state(1.7)
+        eta[:, 0] /= 1.7
+        # within the ODE solver's tolerances (rtol 1e-4, atol 1e-5): its steps differ on another scale
+        torch.testing.assert_close(model.predict(eta, batch), before, rtol=1e-4, atol=1e-4)
+        # the spread step rescales by tau's root mean square, the posterior variance included
+        tau = model.personal(eta, batch.x)["tau"]
+        s = float((eta[:, 0].square() + 0.2).mean().sqrt())
+        eta = model.update_spreads(eta, torch.full_like(eta, 0.2))
+        torch.testing.assert_close(model.predict(eta, batch), before, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model.personal(eta, batch.x)["tau"], tau / s)
 
 
 def ceiling_cohort(model: DiseaseCourse, n: int, seed: int) -> tuple[Batch, Batch]:
