@@ -3,12 +3,13 @@
     python bench/biomarker_bench.py [--cohorts atrophy,glioma,leaspy] [--subjects N] [--iterations N]
                                     [--seed 0] [--quick] [--json PATH]
 
-Cohorts: `atrophy` and `glioma` simulated in 2D (1000 and 200 subjects, or `--subjects` each; seed
-`--seed`; the atrophy cohort is the larger because its population is what the twin must learn, and
-200 subjects left split B's fit 13-19% behind the truth's even on cohorts drawn from the twin itself,
-bench/refit_bench.py; glioma's fit costs five times as much a subject). Their default protocols: atrophy visits at 0, 0.5, 1, 2, 3, 4 years; glioma every 0.2 years, followed here to
-2.4 years instead of the simulator's default 1.6 so that forecasts a year or more ahead exist), and
-leaspy's `alzheimer` table (tests/data/leaspy/alzheimer.csv: 200 subjects, 7 scores, noisy).
+Cohorts: `atrophy` and `glioma` simulated in 2D (1000 and 200 subjects, or `--subjects` each;
+seed `--seed`), and leaspy's `alzheimer` table (tests/data/leaspy/alzheimer.csv: 200 subjects,
+7 scores, noisy). The atrophy cohort is the larger because with 200 subjects estimating the
+population cost split B 13-19% even on cohorts drawn from the twin itself (bench/refit_bench.py);
+glioma's fit costs five times as much per subject. The simulators' default protocols: atrophy
+visits at 0, 0.5, 1, 2, 3, 4 years; glioma every 0.2 years, followed here to 2.4 years instead of
+the simulator's default 1.6 so that forecasts a year or more ahead exist.
 
 Two held-out splits per cohort, each with its own fit, so no target ever reaches training:
 

@@ -168,7 +168,35 @@ def test_config_is_strict():
         TwinConfig(quantiles=(0.1, 0.5, 0.8))
     with pytest.raises(InputError, match="calibration_fraction"):
         TwinConfig(calibration_fraction=1.0)
+    with pytest.raises(InputError, match=r"extrapolation_quantile: expected a number in \[0, 1\)"):
+        TwinConfig(extrapolation_quantile=-0.1)
     assert TwinConfig().band_levels == (0.95, 0.9, 0.8, 0.5)
+
+
+def test_requests_past_the_follow_up_take_the_rehearsals_factors(twin, ds, tmp_path):
+    times = np.where(ds["observed"].values, ds["time"].values, np.nan)
+    # the latest visit fitted on (calibration subjects' visits are not), past the rehearsal's cut
+    assert np.nanquantile(times, 0.8) < twin.fitted_until <= np.nanmax(times)
+    assert twin.past is not None and twin.past.levels == twin.calibration.levels
+    subjects = ["s00", "s01", "s02"]
+    since = {s: float(np.nanmax(times[i])) for i, s in enumerate(ds["subject"].values) if s in subjects}
+    # one request inside the fitted follow-up, one past it; both after each subject's last visit
+    inside = {s: max(t, twin.fitted_until - 0.01) for s, t in since.items()}
+    at = {s: [float(ds["baseline_time"].sel(subject=s)) + t for t in (inside[s], twin.fitted_until + 0.5)]
+          for s in subjects}
+    answer = twin.forecast(ds, subjects, at=at)
+    plain = BiomarkerTwin(twin.model, twin.standardiser, twin.config, twin.calibration, twin.limits)
+    ordinary = plain.forecast(ds, subjects, at=at)
+    xr.testing.assert_identical(answer["mean"], ordinary["mean"])  # the same draws
+    np.testing.assert_array_equal(answer["quantiles"].values[:, :, 0], ordinary["quantiles"].values[:, :, 0])
+    assert not np.allclose(answer["quantiles"].values[:, :, 1], ordinary["quantiles"].values[:, :, 1])
+    assert json.loads(answer.attrs["calibration_past"]) == twin.past.to_dict()
+    # they travel with the model directory
+    twin.save(tmp_path / "model")
+    again = BiomarkerTwin.load(tmp_path / "model")
+    assert again.fitted_until == twin.fitted_until and again.past.to_dict() == twin.past.to_dict()
+    # without the rehearsal, every request takes the ordinary factors
+    assert BiomarkerTwin.fit(ds, replace(FAST, extrapolation_quantile=0.0), progress=False).past is None
 
 
 def test_result_round_trip_and_table(twin, ds, tmp_path):

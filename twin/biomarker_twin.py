@@ -28,6 +28,13 @@ bands. The horizon of a request is its distance to the subject's nearest observe
 and calibrates on them too: the patient part is still out of sample (the posterior sees only
 a prefix), but the population parameters have seen the targets, so bands may be narrow.
 
+Past the fitted follow-up (a request later, in years since baseline, than every visit the
+population was fitted on) the course extrapolates, and those factors, all learned inside the
+follow-up, under-cover (glioma's last two visits, past every training visit: 0.75-0.80 of
+them in a 90% band). Such requests get factors of their own from a rehearsal
+(`extrapolation_quantile`): the population fitted again on the readings up to a cut, and the
+calibration subjects forecast from their visits before the cut at their visits past it.
+
 Plausibility limits come from the fitting subjects: each biomarker's observed range widened
 by a quarter of its width on each side; a rate limit of 3x the steepest per-subject
 least-squares slope (subjects with 3+ visits over 1+ year); and, for a model that knows no
@@ -46,7 +53,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +72,11 @@ from .results import build_result
 from .tensors import RADIOTHERAPY, Standardiser
 
 # /2: instruments' ranges (censored readings at a score's ceiling); /3: sigma set by its EM step;
-# /4: the prior refitted by the marginal likelihood after the joint fit (`prior_steps`)
-MODEL_FORMAT = "twin-biomarker-model/4"
-# /3 and /4 changed the fit (and what a partial fit holds), not the model: finished ones load
-READABLE = ("twin-biomarker-model/2", "twin-biomarker-model/3", MODEL_FORMAT)
+# /4: the prior refitted by the marginal likelihood after the joint fit (`prior_steps`);
+# /5: band factors past the fitted follow-up (`extrapolation_quantile`), z's unit rescaled in the fit
+MODEL_FORMAT = "twin-biomarker-model/5"
+# /3 to /5 changed the fit (and what a partial fit holds), not the model: finished ones load
+READABLE = ("twin-biomarker-model/2", "twin-biomarker-model/3", "twin-biomarker-model/4", MODEL_FORMAT)
 INFERENCE = ("laplace", "amortised")
 
 
@@ -91,7 +99,10 @@ class TwinConfig:
     draws as they are); n_samples: draws per answer; quantiles: levels reported, symmetric
     about and including 0.5 (each pair q, 1 - q is a calibrated central band);
     calibration_fraction: subjects held out of the fit to calibrate the bands (0: calibrate
-    in-sample); seed: initialisation and default draws.
+    in-sample); extrapolation_quantile: where the rehearsal for requests past the fitted
+    follow-up cuts the fitting visits, as a quantile of their times (0: no rehearsal, such
+    requests get the ordinary factors; it fits the population a second time); seed:
+    initialisation and default draws.
     """
 
     family: str = "auto"
@@ -107,6 +118,7 @@ class TwinConfig:
     # the 50/80/90/95% central bands: the levels clinical papers report and `twin evaluate` scores
     quantiles: tuple[float, ...] = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.975)
     calibration_fraction: float = 0.2
+    extrapolation_quantile: float = 0.8
     inference: str = "laplace"
     amortiser_steps: int = 600
     seed: int = 0
@@ -128,6 +140,10 @@ class TwinConfig:
         f = self.calibration_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
             raise InputError(f"expected a number in [0, 1), got {f!r}", source="TwinConfig", field="calibration_fraction")
+        e = self.extrapolation_quantile
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 <= e < 1:
+            raise InputError(f"expected a number in [0, 1), got {e!r}", source="TwinConfig",
+                             field="extrapolation_quantile")
         try:
             q = tuple(float(v) for v in self.quantiles)
         except (TypeError, ValueError):
@@ -140,6 +156,7 @@ class TwinConfig:
         object.__setattr__(self, "quantiles", q)
         object.__setattr__(self, "lr", float(self.lr))
         object.__setattr__(self, "calibration_fraction", float(f))
+        object.__setattr__(self, "extrapolation_quantile", float(e))
 
     @property
     def band_levels(self) -> tuple[float, ...]:
@@ -188,9 +205,12 @@ class BiomarkerTwin:
 
     def __init__(self, model: DiseaseCourse, standardiser: Standardiser, config: TwinConfig,
                  calibration: MondrianCalibration, limits, *, cohort_fingerprint: str = "", amortiser=None,
-                 subjects: Sequence[str] = ()):
+                 subjects: Sequence[str] = (), past: MondrianCalibration | None = None,
+                 fitted_until: float = math.inf):
         self.model, self.standardiser, self.config = model, standardiser, config
         self.calibration, self.limits, self.cohort_fingerprint = calibration, limits, cohort_fingerprint
+        # requests later than fitted_until (years since baseline) take the `past` factors (None: the ordinary ones)
+        self.past, self.fitted_until = past, fitted_until
         self.amortiser = amortiser
         self.subjects = tuple(subjects)  # every subject fitted on (calibration ones too): what `evaluate` must not score
 
@@ -280,8 +300,9 @@ class BiomarkerTwin:
                 p.requires_grad_(False)
         read = _reader(model, amortiser, config)
         calibration = _calibrate(model, st, calibration_ds, config, read)
+        past = _rehearse_past(fit_ds, calibration_ds, st, config, progress) if config.extrapolation_quantile else None
         twin = cls(model, st, config, calibration, _limits(fit_ds, model, st), cohort_fingerprint=fingerprint,
-                   amortiser=amortiser, subjects=ids)
+                   amortiser=amortiser, subjects=ids, past=past, fitted_until=float(np.nanmax(_follow_up(fit_ds))))
         if checkpoint_dir is not None:
             twin.save(checkpoint_dir)
         return twin
@@ -313,11 +334,15 @@ class BiomarkerTwin:
 
         try:
             settings = dict(meta["config"])
-            if meta.get("format") != MODEL_FORMAT:  # fitted before the prior's marginal fit existed
+            if meta.get("format") != MODEL_FORMAT:  # fitted before the prior's marginal fit or the rehearsal existed
                 settings.setdefault("prior_steps", 0)
+                settings.setdefault("extrapolation_quantile", 0.0)
             config = TwinConfig.from_dict(settings, source=f"{source}: config")
             st = Standardiser.from_dict(meta["standardiser"])
             calibration = MondrianCalibration.from_dict(meta["calibration"])
+            past = meta.get("calibration_past")
+            past = None if past is None else MondrianCalibration.from_dict(past)
+            fitted_until = _number(meta.get("fitted_until", "inf"))
             limits = Limits(**{k: tuple(_number(v) for v in vals) if k in ("low", "high", "max_rate") else tuple(vals)
                                for k, vals in meta["limits"].items()})
             model = _model(st, config)
@@ -337,7 +362,7 @@ class BiomarkerTwin:
         for p in model.parameters():
             p.requires_grad_(False)
         return cls(model, st, config, calibration, limits, cohort_fingerprint=meta.get("cohort_fingerprint", ""),
-                   amortiser=amortiser, subjects=meta.get("subjects", ()))
+                   amortiser=amortiser, subjects=meta.get("subjects", ()), past=past, fitted_until=fitted_until)
 
     def _instrument_range(self) -> np.ndarray:
         """(2, B) lowest and highest reading of each biomarker's instrument, in its units (+-inf: none)."""
@@ -350,7 +375,8 @@ class BiomarkerTwin:
                   for k, vals in asdict(self.limits).items()}
         return {**_header(self.config, self.standardiser, self.model, self.cohort_fingerprint), "complete": True,
                 "step": self.config.iterations + self.config.prior_steps, "calibration": self.calibration.to_dict(),
-                "limits": limits, "subjects": list(self.subjects)}
+                "calibration_past": None if self.past is None else self.past.to_dict(),
+                "fitted_until": _json_number(float(self.fitted_until)), "limits": limits, "subjects": list(self.subjects)}
 
     @property
     def fingerprint(self) -> str:
@@ -502,12 +528,14 @@ class BiomarkerTwin:
         for name, truth, obs in zip(arms, truths, draws):
             mean.append(truth.mean(0))
             quantiles.append(_calibrated_quantiles(obs, nearest, one["observed"].values.sum(1), self.calibration,
-                                                   config.quantiles, bounds))
+                                                   config.quantiles, bounds, past=(self.past, d.since > self.fitted_until)))
             f, r = _flags(mean[-1], clock_times, self.limits, [str(s) for s in one["subject"].values])
             flags.append(f)
             reasons += [f"arm {name}: {line}" for line in r] if scenario is not None else r
         attrs = {"model": self.fingerprint, "seed": seed, "n_samples": n, "twin_version": _version(),
                  "config": json.dumps(config.to_dict()), "calibration": json.dumps(self.calibration.to_dict()),
+                 "calibration_past": json.dumps(None if self.past is None else self.past.to_dict()),
+                 "fitted_until": _json_number(float(self.fitted_until)),
                  "calibration_horizon": "years from the subject's nearest observed visit"}
         common = dict(kind=kind, subjects=one["subject"].values, biomarkers=st.biomarker, units=_units(one),
                       clock=str(ds.attrs.get("clock", "years since baseline")), time=clock_times, horizon=horizon,
@@ -643,25 +671,34 @@ def _reader(model: DiseaseCourse, amortiser, config: TwinConfig) -> Callable[[Ba
 
 
 def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: TwinConfig,
-               read: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]) -> MondrianCalibration:
+               read: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]],
+               after: float | None = None) -> MondrianCalibration | None:
     """Band factors from forecasting each calibration subject's later visits from its earlier ones.
 
     Every cut is used: a subject with n observed visits is conditioned on its first k and
     forecast at the rest, for k = 1 .. n-1. Users ask with short and with long histories, so
     the factors are learned for both: per group of history sizes k, binned by horizon within
-    (`MondrianCalibration.fit`).
+    (`MondrianCalibration.fit`). With `after` (years since baseline), only histories that end
+    by then and targets past it count (the rehearsal past the follow-up), and None is returned
+    where there are none.
     """
-    times = np.where(ds["observed"].values, ds["time"].values, np.nan)
+    times = _follow_up(ds)
     rank = np.argsort(np.argsort(np.where(np.isfinite(times), times, np.inf), axis=1), axis=1)
     n_obs = np.isfinite(times).sum(1)
     cuts = [(i, k) for i in range(len(n_obs)) for k in range(1, int(n_obs[i]))]
-    if not cuts:
+    if not cuts and after is None:
         raise InputError("calibrating the bands needs subjects with at least two observed visits among the "
                          "calibration subjects", source="cohort", field="calibration_fraction")
-    row, k = np.array([c[0] for c in cuts]), np.array([c[1] for c in cuts])
+    row, k = np.array([c[0] for c in cuts], dtype=int), np.array([c[1] for c in cuts], dtype=int)
     times, rank = times[row], rank[row]
     history = np.isfinite(times) & (rank < k[:, None])
     target = np.isfinite(times) & ~history
+    if after is not None:
+        target &= times > after
+        use = target.any(1) & ~(history & (times > after)).any(1)
+        if not use.any():
+            return None
+        row, k, times, history, target = row[use], k[use], times[use], history[use], target[use]
     batch = st.batch(ds).take(torch.as_tensor(row))
     seen = torch.as_tensor(history)
     hist = Batch(torch.where(seen, batch.times, torch.full_like(batch.times, float("nan"))),
@@ -681,17 +718,63 @@ def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: T
     return MondrianCalibration.fit(q[L], q[:L], q[::-1][:L], truth, horizon, k, config.band_levels)
 
 
+def _rehearse_past(fit_ds: xr.Dataset, calibration_ds: xr.Dataset, st: Standardiser, config: TwinConfig,
+                   progress: bool) -> MondrianCalibration | None:
+    """Band factors for requests past the fitted follow-up, from a rehearsal of that extrapolation.
+
+    The population is fitted again on the fitting subjects' readings up to the cut (the
+    `extrapolation_quantile` of their visit times), and the calibration subjects are forecast
+    from their visits up to the cut at their visits past it (`_calibrate`). The rehearsal reads
+    patients by their Laplace posterior, whatever `inference` says (an amortiser would need its
+    own second training). None where nothing lies past the cut.
+    """
+    times = _follow_up(fit_ds)
+    cut = float(np.nanquantile(times, config.extrapolation_quantile))
+    if not (times > cut).any():
+        return None
+    kept = fit_ds["observed"] & (fit_ds["time"] <= cut)
+    early = fit_ds.assign(observed=kept, biomarkers=fit_ds["biomarkers"].where(kept))
+    batch = st.batch(early)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = _model(st, config)
+    model.set_ranges(batch.y, torch.tensor([u != "mL" for u in _units(early)]))
+    orient_decoder(model, batch)
+    what = f"rehearsing past {cut:.2g} y"
+    eta = fit_population(model, batch, iterations=config.iterations, lr=config.lr, spread_every=config.spread_every,
+                         progress=progress, desc=f"{what}: the twin")
+    if config.prior_steps:
+        refine_prior(model, batch, eta, iterations=config.prior_steps, draws=config.prior_draws,
+                     refresh=config.spread_every, lr=config.lr, seed=config.seed, progress=progress,
+                     desc=f"{what}: the prior")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    laplace = replace(config, inference="laplace")
+    return _calibrate(model, st, calibration_ds, laplace, _reader(model, None, laplace), after=cut)
+
+
+def _follow_up(ds: xr.Dataset) -> np.ndarray:
+    """(S, V) the observed visits' times in years since baseline, NaN where none."""
+    return np.where(ds["observed"].values, ds["time"].values, np.nan)
+
+
 def _calibrated_quantiles(obs: np.ndarray, horizon: np.ndarray, visits: np.ndarray, calibration: MondrianCalibration,
-                          levels: tuple[float, ...], bounds: np.ndarray | None = None) -> np.ndarray:
+                          levels: tuple[float, ...], bounds: np.ndarray | None = None,
+                          past: tuple[MondrianCalibration | None, np.ndarray] | None = None) -> np.ndarray:
     """(Q, S, R, B) quantiles of draws obs (K, S, R, B), each central band scaled by its calibration
     factor about the median (by horizon (S, R) and history size visits (S,)), then nested (an
     outer band never inside an inner one) and kept within `bounds` (2, B), the instruments'
-    ranges (a widened band reaches no further than a reading can)."""
+    ranges (a widened band reaches no further than a reading can). past: (calibration, mask
+    (S, R)), the factors of the requests past the fitted follow-up, where the mask is true."""
     q = _quantiles(obs, levels)
     L = len(levels) // 2
     median = q[L]
-    lo, hi = calibration.apply(median, q[:L], q[::-1][:L], np.where(np.isfinite(horizon), horizon, 0.0),
-                               np.asarray(visits, dtype=np.float64)[:, None, None])
+    args = (median, q[:L], q[::-1][:L], np.where(np.isfinite(horizon), horizon, 0.0),
+            np.asarray(visits, dtype=np.float64)[:, None, None])
+    lo, hi = calibration.apply(*args)
+    if past is not None and past[0] is not None and past[1].any():
+        past_lo, past_hi = past[0].apply(*args)
+        lo, hi = np.where(past[1][..., None], past_lo, lo), np.where(past[1][..., None], past_hi, hi)
     for i in range(L - 1, -1, -1):
         inner_lo, inner_hi = (lo[i + 1], hi[i + 1]) if i + 1 < L else (median, median)
         lo[i], hi[i] = np.fmin(lo[i], inner_lo), np.fmax(hi[i], inner_hi)

@@ -30,7 +30,7 @@ def fit_population(model: DiseaseCourse, batch: Batch, *, iterations: int, lr: f
                    eta: Tensor | None = None, start: int = 0, spread_every: int = 25,
                    optimiser_state: dict | None = None,
                    on_step: Callable[[int, float, dict[str, Tensor], torch.optim.Optimizer], None] | None = None,
-                   progress: bool = True) -> Tensor:
+                   progress: bool = True, desc: str = "fitting the twin") -> Tensor:
     """Train `model` on `batch` from step `start` to `iterations`; return the patients' effects eta (S, P).
 
     on_step(step, loss, {"eta": eta}, optimiser) is called after each step (checkpoints hook
@@ -47,7 +47,7 @@ def fit_population(model: DiseaseCourse, batch: Batch, *, iterations: int, lr: f
     if optimiser_state is not None:
         optimiser.load_state_dict(optimiser_state)
     n_measured = int(torch.isfinite(batch.y).sum())
-    bar = tqdm(range(start, iterations), desc="fitting the twin", unit="step", disable=not progress)
+    bar = tqdm(range(start, iterations), desc=desc, unit="step", disable=not progress)
     for step in bar:
         optimiser.zero_grad()
         loss = -model.log_joint(eta, batch).sum() / n_measured
@@ -163,7 +163,7 @@ def refine_prior(model: DiseaseCourse, batch: Batch, eta: Tensor, *, iterations:
                  draws: int = 64, refresh: int = 25, lr: float = 0.03, seed: int = 0, state: dict | None = None,
                  optimiser_state: dict | None = None,
                  on_step: Callable[[int, float, dict[str, Tensor], torch.optim.Optimizer], None] | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, desc: str = "fitting the prior") -> None:
     """Refit the prior of the personal effects by the marginal likelihood, steps `start` to `iterations`.
 
     After the joint fit (`fit_population`), the fixed effects (PRIOR) and spreads (SPREADS) of the
@@ -211,7 +211,7 @@ def refine_prior(model: DiseaseCourse, batch: Batch, eta: Tensor, *, iterations:
     repeated = batch.repeat(draws)
     S, P = eta.shape
     points, log_q = state.get("points"), state.get("log_q")
-    bar = tqdm(range(start, iterations), desc="fitting the prior", unit="step", disable=not progress)
+    bar = tqdm(range(start, iterations), desc=desc, unit="step", disable=not progress)
     for step in bar:
         if step % refresh == 0 or points is None:
             _set_spreads(model, log_sd, grad=False)
