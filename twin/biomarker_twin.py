@@ -672,7 +672,7 @@ def _reader(model: DiseaseCourse, amortiser, config: TwinConfig) -> Callable[[Ba
 
 def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: TwinConfig,
                read: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]],
-               after: float | None = None) -> MondrianCalibration | None:
+               after: float | None = None, whole: np.ndarray | None = None) -> MondrianCalibration | None:
     """Band factors from forecasting each calibration subject's later visits from its earlier ones.
 
     Every cut is used: a subject with n observed visits is conditioned on its first k and
@@ -680,7 +680,8 @@ def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: T
     the factors are learned for both: per group of history sizes k, binned by horizon within
     (`MondrianCalibration.fit`). With `after` (years since baseline), only histories that end
     by then and targets past it count (the rehearsal past the follow-up), and None is returned
-    where there are none.
+    where there are none; the subjects marked in `whole` (S,) are asked from their whole
+    history up to `after` only.
     """
     times = _follow_up(ds)
     rank = np.argsort(np.argsort(np.where(np.isfinite(times), times, np.inf), axis=1), axis=1)
@@ -696,6 +697,8 @@ def _calibrate(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset, config: T
     if after is not None:
         target &= times > after
         use = target.any(1) & ~(history & (times > after)).any(1)
+        if whole is not None:
+            use &= ~whole[row] | (k == (np.isfinite(times) & (times <= after)).sum(1))
         if not use.any():
             return None
         row, k, times, history, target = row[use], k[use], times[use], history[use], target[use]
@@ -723,10 +726,14 @@ def _rehearse_past(fit_ds: xr.Dataset, calibration_ds: xr.Dataset, st: Standardi
     """Band factors for requests past the fitted follow-up, from a rehearsal of that extrapolation.
 
     The population is fitted again on the fitting subjects' readings up to the cut (the
-    `extrapolation_quantile` of their visit times), and the calibration subjects are forecast
-    from their visits up to the cut at their visits past it (`_calibrate`). The rehearsal reads
-    patients by their Laplace posterior, whatever `inference` says (an amortiser would need its
-    own second training). None where nothing lies past the cut.
+    `extrapolation_quantile` of their visit times) and asked about visits past it
+    (`_calibrate`): the calibration subjects' from every prefix of their visits up to the cut
+    (new patients), the fitting subjects' from their whole history up to it (the future of a
+    patient the population was fitted on, what most requests past the follow-up are). The
+    fitting subjects make the cases five times as many as the calibration subjects alone,
+    whose factors moved the glioma benchmark's split-B coverage by 0.1 between two fits. The
+    rehearsal reads patients by their Laplace posterior, whatever `inference` says (an
+    amortiser would need its own second training). None where nothing lies past the cut.
     """
     times = _follow_up(fit_ds)
     cut = float(np.nanquantile(times, config.extrapolation_quantile))
@@ -750,7 +757,12 @@ def _rehearse_past(fit_ds: xr.Dataset, calibration_ds: xr.Dataset, st: Standardi
     for p in model.parameters():
         p.requires_grad_(False)
     laplace = replace(config, inference="laplace")
-    return _calibrate(model, st, calibration_ds, laplace, _reader(model, None, laplace), after=cut)
+    if calibration_ds is fit_ds:  # calibrated in-sample: every subject from every prefix
+        asked, whole = fit_ds, None
+    else:
+        asked = xr.concat([calibration_ds, fit_ds], dim="subject")
+        whole = np.arange(asked.sizes["subject"]) >= calibration_ds.sizes["subject"]
+    return _calibrate(model, st, asked, laplace, _reader(model, None, laplace), after=cut, whole=whole)
 
 
 def _follow_up(ds: xr.Dataset) -> np.ndarray:
