@@ -251,10 +251,7 @@ class BiomarkerTwin:
         calibration_ds = ds.isel(subject=np.flatnonzero(held)) if held.any() else fit_ds
         st = Standardiser.from_cohort(fit_ds)
         batch = st.batch(fit_ds)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            model = _model(st, config)
-        model.set_ranges(batch.y, torch.tensor([u != "mL" for u in _units(fit_ds)]))
+        model = _new_model(st, batch, _units(fit_ds), config)
         if resume is None:
             orient_decoder(model, batch)
             eta, start, optimiser_state, state = None, 0, None, {}
@@ -652,6 +649,16 @@ def _model(st: Standardiser, config: TwinConfig) -> DiseaseCourse:
                          dose_scale=st.dose_scale, family=family, radiotherapy=st.radiotherapy)
 
 
+def _new_model(st: Standardiser, batch: Batch, units: list[str], config: TwinConfig) -> DiseaseCourse:
+    """A fresh model for a cohort's batch: the seeded initialisation, and its instruments' ranges
+    found in the readings (volumes, in mL, are no instruments)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = _model(st, config)
+    model.set_ranges(batch.y, torch.tensor([u != "mL" for u in units]))
+    return model
+
+
 def _header(config: TwinConfig, st: Standardiser, model: DiseaseCourse, fingerprint: str) -> dict:
     return {"format": MODEL_FORMAT, "twin_version": _version(), "config": config.to_dict(),
             "standardiser": st.to_dict(), "cohort_fingerprint": fingerprint, "seed": config.seed,
@@ -742,10 +749,7 @@ def _rehearse_past(fit_ds: xr.Dataset, calibration_ds: xr.Dataset, st: Standardi
     kept = fit_ds["observed"] & (fit_ds["time"] <= cut)
     early = fit_ds.assign(observed=kept, biomarkers=fit_ds["biomarkers"].where(kept))
     batch = st.batch(early)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = _model(st, config)
-    model.set_ranges(batch.y, torch.tensor([u != "mL" for u in _units(early)]))
+    model = _new_model(st, batch, _units(early), config)
     orient_decoder(model, batch)
     what = f"rehearsing past {cut:.2g} y"
     eta = fit_population(model, batch, iterations=config.iterations, lr=config.lr, spread_every=config.spread_every,
