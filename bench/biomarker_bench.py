@@ -334,14 +334,15 @@ def skylines(ds, history: np.ndarray, at: np.ndarray, horizon: np.ndarray, value
 
     n = len(ds["subject"])
     sub = np.sort(np.random.default_rng(0).choice(n, size=min(n, ORACLE_SUBJECTS), replace=False))
-    ds, history, at, horizon, values, truth = ds.isel(subject=sub), history[sub], at[sub], horizon[sub], values[sub], truth[sub]
+    ds = ds.isel(subject=sub)
+    history, at, horizon, values, truth = history[sub], at[sub], horizon[sub], values[sub], truth[sub]
     preds = {m: p[sub] for m, p in preds.items()}
     t0 = time.perf_counter()
     b = [str(v) for v in ds["biomarker"].values].index(SCORE)
     cell = (horizon >= LONG) & np.isfinite(truth[..., b])
     best = score_oracle(ds, history, at, seed=0)
-    out = {"oracle": {"subjects": len(sub), "n": int(cell.sum()), "seconds": time.perf_counter() - t0, "biomarker": SCORE,
-                      "oracle": float(np.abs(best - truth[..., b])[cell].mean()),
+    out = {"oracle": {"subjects": len(sub), "n": int(cell.sum()), "seconds": time.perf_counter() - t0,
+                      "biomarker": SCORE, "oracle": float(np.abs(best - truth[..., b])[cell].mean()),
                       **{m: float(np.abs(p[..., b] - truth[..., b])[cell].mean()) for m, p in preds.items()}}}
     # every biomarker: the score's Bayes-optimal forecast, each volume's noise-free course placed
     # by its history's measurements; pooled like the headline MAE
@@ -388,7 +389,8 @@ def print_split(res: dict, biomarkers: list[str], units: list[str]) -> None:
         print(f"  {name:<26} {unit:<7} " + " ".join(f"{res['raw_mae'][m][b]:>9.4g}" for m in ("twin", "copy_last", "linear", "LME")))
     if "oracle" in res:
         o = res["oracle"]
-        print(f"{o['biomarker']} >= {LONG:g} y ahead, MAE in points ({o['subjects']} subjects, n={o['n']}): Bayes-optimal from its own history and the simulator's "
+        print(f"{o['biomarker']} >= {LONG:g} y ahead, MAE in points ({o['subjects']} subjects, n={o['n']}): "
+              f"Bayes-optimal from its own history and the simulator's "
               f"model {o['oracle']:.2f} ({o['oracle'] / o['copy_last']:.2f}x copy-last), twin {o['twin']:.2f} "
               f"({o['twin'] / o['copy_last']:.2f}x), copy-last {o['copy_last']:.2f}, LME {o['LME']:.2f} "
               f"[{o['seconds']:.0f} s]")

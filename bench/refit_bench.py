@@ -18,7 +18,8 @@ noise-free values a year or more ahead, for
 each as a multiple of copy-last's error, with the 90% band's coverage per horizon bin. Then
 the course each implies: the mean change over 4 years of a patient drawn from the prior (the
 subjects' covariates, in the biomarkers' units), which does not depend on the latent state's
-arbitrary unit. About a minute per seed on this machine (2 cores).
+arbitrary unit. About a minute and a half per seed on this machine (2 cores; each fit
+includes the twin's rehearsal past the follow-up).
 """
 
 from __future__ import annotations
