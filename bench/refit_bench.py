@@ -70,8 +70,7 @@ def prior_change(twin, ds, n: int = 200, seed: int = 0) -> np.ndarray:
     return (y[:, :, 1] - y[:, :, 0]).mean((0, 1))
 
 
-def score(twin, lme, train, ds, history, target) -> dict:
-    sd = np.nanstd(np.where(train["observed"].values[..., None], train["biomarkers"].values, np.nan), axis=(0, 1))
+def score(twin, lme, sd, ds, history, target) -> dict:
     rows = bb.evaluate(twin, lme, ds, history, target, True, sd, effect=False)["bins"]
     long = rows[f">= {bb.LONG:g} y"]
     return {"ratio": long["twin"] / long["copy_last"], "lme": long["LME"] / long["copy_last"],
@@ -85,7 +84,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from twin import BiomarkerTwin, TwinConfig
-    from twin.baselines import MixedEffects, cohort_arrays
     from twin.metrics import holdout_last, holdout_subjects
 
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -104,10 +102,9 @@ def main() -> None:
               f"split-B training data")
         print(f"{'':8} {'twin / copy-last':>17} {'LME / copy-last':>16}   90% band per horizon bin")
         for key, (train, part, hist, tgt) in splits.items():
-            refit = BiomarkerTwin.fit(train, config, progress=False)
-            lme = MixedEffects.fit(*cohort_arrays(train, baseline_time=bb._varies(train)))
+            refit, lme, sd, _ = bb.train_models(train, config)
             for label, fitted in (("truth", m0), ("refit", refit)):
-                r = score(fitted, lme, train, part, hist, tgt)
+                r = score(fitted, lme, sd, part, hist, tgt)
                 bands = ", ".join(f"{k} {v:.3f}" for k, v in r["cov90"].items())
                 print(f"{key} {label:6} {r['ratio']:17.3f} {r['lme']:16.3f}   {bands}")
             if key == "B":
