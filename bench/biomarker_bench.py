@@ -294,7 +294,14 @@ def evaluate(twin, lme, ds, history: np.ndarray, target: np.ndarray | None, simu
         row["crps_LME"] = float(z(crps_gaussian(lme_mean, lme_sd, measured))[seen].mean()) if seen.any() else math.nan
         rows[label] = row
     raw = {m: [float(np.nanmean(np.abs(p - truth)[..., b])) for b in range(truth.shape[-1])] for m, p in preds.items()}
-    out = {"subjects": len(ids), "forecast_seconds_per_subject": forecast_s, "bins": rows, "raw_mae": raw}
+    # one band factor serves every biomarker, so each biomarker's own coverage is worth seeing
+    inside = (q[level[0.05]] <= measured) & (measured <= q[level[0.95]])
+    seen = np.isfinite(measured)
+    per_biomarker = {"cov90": [float(inside[..., b][seen[..., b]].mean()) if seen[..., b].any() else math.nan
+                               for b in range(measured.shape[-1])],
+                     "n_obs": [int(seen[..., b].sum()) for b in range(measured.shape[-1])]}
+    out = {"subjects": len(ids), "forecast_seconds_per_subject": forecast_s, "bins": rows, "raw_mae": raw,
+           "per_biomarker": per_biomarker}
     if oracle:
         out.update(skylines(ds, history, np.where(pad, np.nan, at), horizon, values, truth, preds, sd))
 
@@ -383,10 +390,12 @@ def print_split(res: dict, biomarkers: list[str], units: list[str]) -> None:
         print(f"{label:>10} {r['n']:>5} {r['twin']:>6.3f} {r['copy_last']:>6.3f} {r['linear']:>6.3f} {r['LME']:>6.3f} "
               f"{ratio:>7.2f} {r['n_obs']:>5} {r['cov50']:>5.2f} {r['cov90']:>5.2f} {r['cov90_LME']:>5.2f} "
               f"{r['crps_twin']:>7.3f} {r['crps_LME']:>8.3f}")
-    print("raw MAE per biomarker (all horizons):")
-    print(f"  {'biomarker':<26} {'unit':<7} {'twin':>9} {'copy':>9} {'linear':>9} {'LME':>9}")
+    print("raw MAE per biomarker and the twin's 90% band coverage (all horizons):")
+    print(f"  {'biomarker':<26} {'unit':<7} {'twin':>9} {'copy':>9} {'linear':>9} {'LME':>9} {'n obs':>5} {'cov90':>5}")
+    per = res["per_biomarker"]
     for b, (name, unit) in enumerate(zip(biomarkers, units)):
-        print(f"  {name:<26} {unit:<7} " + " ".join(f"{res['raw_mae'][m][b]:>9.4g}" for m in ("twin", "copy_last", "linear", "LME")))
+        print(f"  {name:<26} {unit:<7} " + " ".join(f"{res['raw_mae'][m][b]:>9.4g}" for m in ("twin", "copy_last", "linear", "LME"))
+              + f" {per['n_obs'][b]:>5} {per['cov90'][b]:>5.2f}")
     if "oracle" in res:
         o = res["oracle"]
         print(f"{o['biomarker']} >= {LONG:g} y ahead, MAE in points ({o['subjects']} subjects, n={o['n']}): "
