@@ -199,6 +199,24 @@ def test_requests_past_the_follow_up_take_the_rehearsals_factors(twin, ds, tmp_p
     assert BiomarkerTwin.fit(ds, replace(FAST, extrapolation_quantile=0.0), progress=False).past is None
 
 
+def test_readings_at_a_scores_ceiling_lie_inside_bands_that_reach_it(ds, tmp_path):
+    # a score topping out at its 70th percentile: 30% of readings sit on the ceiling, which the
+    # model keeps standardised in float32; draws and bands must come back at the ceiling itself
+    y = ds["biomarkers"].values.copy()
+    top = float(np.nanquantile(y[..., 1], 0.7))
+    y[..., 1] = np.minimum(y[..., 1], top)
+    capped = ds.assign(biomarkers=(ds["biomarkers"].dims, y))
+    twin = BiomarkerTwin.fit(capped, replace(FAST, extrapolation_quantile=0.0), progress=False)
+    assert twin.ends[1, 1] == top and twin.ends[1, 0] == math.inf  # the volume has no instrument
+    r = twin.forecast(capped, horizons=[0.5, 1.0], samples=True)
+    score = r.sel(biomarker="score")
+    assert (score["samples"] == top).any() and (score["samples"] <= top).all()
+    q95 = score["quantiles"].sel(quantile=0.95)
+    assert (q95 == top).any() and (q95 <= top).all()  # reaching the ceiling, never past it
+    twin.save(tmp_path / "model")
+    assert np.array_equal(BiomarkerTwin.load(tmp_path / "model").ends, twin.ends)
+
+
 def test_result_round_trip_and_table(twin, ds, tmp_path):
     r = twin.forecast(ds, ["s00", "s01"], horizons=[1, 2])
     path = write_result(r, tmp_path / "r.zarr")
