@@ -208,7 +208,8 @@ class BiomarkerTwin:
                  subjects: Sequence[str] = (), past: MondrianCalibration | None = None,
                  fitted_until: float = math.inf, ends: np.ndarray | None = None):
         self.model, self.standardiser, self.config = model, standardiser, config
-        # (2, B) the instruments' ends as read (`_exact_ends`); None (models before them): as stored
+        # (2, B) lowest and highest reading of each biomarker's instrument in its units, +-inf where
+        # none: as read in the training cohort (`_exact_ends`), or as stored for models from before
         self.ends = _stored_ends(model, standardiser) if ends is None else np.asarray(ends, dtype=np.float64)
         self.calibration, self.limits, self.cohort_fingerprint = calibration, limits, cohort_fingerprint
         # requests later than fitted_until (years since baseline) take the `past` factors (None: the ordinary ones)
@@ -368,10 +369,6 @@ class BiomarkerTwin:
                    amortiser=amortiser, subjects=meta.get("subjects", ()), past=past, fitted_until=fitted_until,
                    ends=ends)
 
-    def _instrument_range(self) -> np.ndarray:
-        """(2, B) lowest and highest reading of each biomarker's instrument, in its units (+-inf: none)."""
-        return self.ends
-
     def _meta(self) -> dict:
         limits = {k: [_json_number(v) for v in vals] if k in ("low", "high", "max_rate") else list(vals)
                   for k, vals in asdict(self.limits).items()}
@@ -527,7 +524,7 @@ class BiomarkerTwin:
         ids = [str(s) for s in one["subject"].values]
 
         mean, quantiles, flags, reasons = [], [], [], []
-        bounds = self._instrument_range()
+        bounds = self.ends
         for name, truth, obs in zip(arms, truths, draws):
             mean.append(truth.mean(0))
             quantiles.append(_calibrated_quantiles(obs, nearest, one["observed"].values.sum(1), self.calibration,
