@@ -798,14 +798,14 @@ def _exact_ends(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset) -> np.nd
 
 
 def _readings(model: DiseaseCourse, st: Standardiser, ends: np.ndarray, obs: torch.Tensor) -> np.ndarray:
-    """Measurement draws (..., B) standardised -> in units, those at an instrument's end at its exact `ends`."""
+    """Measurement draws (..., B) standardised -> in units, those at an instrument's end at its exact `ends`.
+
+    `DiseaseCourse.observe` records a draw past a cut as the stored end itself, so it converts to
+    exactly `_stored_ends` (the same float32 value through the same arithmetic)."""
     x = st.values(obs.double().numpy())
     stored = _stored_ends(model, st)
-    tol = 1e-5 * (np.abs(stored) + np.asarray(st.scale))  # the float32 round trip errs ~1e-7 of that
     for i in range(2):
-        finite = np.isfinite(stored[i])
-        near = finite & (np.abs(x - np.where(finite, stored[i], 0.0)) <= tol[i])
-        x = np.where(near, ends[i], x)
+        x = np.where(x == stored[i], ends[i], x)
     return x
 
 
