@@ -12,6 +12,7 @@ from scipy import integrate, stats
 
 from twin.errors import InputError
 from twin.metrics import (ConformalCalibration, MondrianCalibration, history_groups, pooled_edges, bin_labels, by_horizon, conformal_scale, conformal_scores,
+                          clustered_proportion,
                           coverage, coverage_by_horizon, crps_from_quantiles, crps_from_samples, crps_gaussian,
                           holdout_arrays, holdout_last, holdout_subjects, horizon_bins, horizon_from_history,
                           interval_score, mae_by_horizon)
@@ -65,6 +66,34 @@ def test_coverage_and_interval_score_exact():
     score = interval_score(lower, upper, truth, level=0.8)   # 2 / alpha = 10
     np.testing.assert_allclose(score, [1.0, 1.0, 11.0, 11.0, NAN])
     assert math.isnan(coverage(lower, upper, np.full(5, NAN)))
+
+
+def test_clustered_proportion_exact():
+    # subject 0: 2 of 2 cases hit, subject 1: 1 of 3 (one more hit, not seen), subject 2: no case
+    hit = np.array([[1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=bool)
+    seen = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=bool)
+    hit[1, 2], seen[1, 2] = False, True
+    p, se, m = clustered_proportion(hit, seen)
+    assert (p, m) == (pytest.approx(3 / 5), 2)
+    # residuals a_i - p n_i: 2 - 1.2 = 0.8, 1 - 1.8 = -0.8; se^2 = 2 * 1.28 / 25
+    assert se == pytest.approx(math.sqrt(2 * 1.28) / 5)
+    assert all(math.isnan(v) for v in clustered_proportion(hit, np.zeros_like(seen))[:2])
+    with pytest.raises(InputError, match="shape"):
+        clustered_proportion(hit, seen[:2])
+
+
+def test_clustered_proportion_error_is_the_spread_over_new_subjects():
+    # alike cases: each subject's 10 cases hit with its own probability, so the proportion over
+    # 40 subjects spreads far more than 400 independent cases would (binomial 0.015)
+    rng = np.random.default_rng(0)
+    ps, ses = [], []
+    for _ in range(400):
+        q = rng.beta(2.0, 0.25, size=40)[:, None]
+        p, se, _ = clustered_proportion(rng.random((40, 10)) < q, np.ones((40, 10), dtype=bool))
+        ps.append(p), ses.append(se)
+    spread = np.std(ps)
+    assert spread > 2 * math.sqrt(0.9 * 0.1 / 400)
+    assert np.mean(ses) == pytest.approx(spread, rel=0.15)
 
 
 def test_by_horizon_averages_any_score():

@@ -5,7 +5,7 @@ NaN truth is a visit or biomarker with nothing to score and is ignored). The pie
 
     horizon bins      half-open [lo, hi) bins of years ahead; `horizon` = query - last history visit
     point error       mae_by_horizon
-    bands             coverage, coverage_by_horizon, interval_score
+    bands             coverage, coverage_by_horizon, clustered_proportion (its error by subject), interval_score
     distributions     crps_from_samples, crps_gaussian, crps_from_quantiles (elementwise)
     calibration       conformal_scores, conformal_scale, ConformalCalibration (per horizon bin)
     splits            holdout_last (visits), holdout_subjects (subjects), holdout_arrays
@@ -108,6 +108,34 @@ def coverage_by_horizon(lower, upper, truth, horizon,
                         edges: Sequence[float] = HORIZON_EDGES) -> dict[str, tuple[float, int]]:
     """Coverage per horizon bin: label -> (fraction inside, count)."""
     return by_horizon(_inside(lower, upper, truth), horizon, edges)
+
+
+def clustered_proportion(hit, seen) -> tuple[float, float, int]:
+    """(p, standard error, subjects) of the proportion of hits among seen cases, counted by subject.
+
+    hit, seen (S, ...) booleans, subjects along the first axis. A subject's cases are alike (its
+    readings miss a band together when its course is off), so the error is the cluster-robust
+    one of a ratio of sums, p = sum_i a_i / sum_i n_i over subjects i with a_i hits of n_i cases:
+
+        se^2 = m / (m - 1) * sum_i (a_i - p n_i)^2 / (sum_i n_i)^2,   m subjects with a case
+
+    (the linearised ratio estimator). It is the spread of p over new test subjects from the same
+    answers; the randomness of the model and its calibration comes on top. NaN where there are no
+    cases (se NaN also with one subject).
+    """
+    hit, seen = np.asarray(hit, dtype=bool), np.asarray(seen, dtype=bool)
+    if hit.shape != seen.shape or hit.ndim == 0:
+        raise InputError(f"hit {hit.shape} and seen {seen.shape} must have one shape with subjects first",
+                         source="clustered_proportion", field="shape")
+    a = (hit & seen).reshape(len(hit), -1).sum(1).astype(np.float64)
+    n = seen.reshape(len(seen), -1).sum(1).astype(np.float64)
+    a, n = a[n > 0], n[n > 0]
+    m = len(n)
+    if m == 0:
+        return math.nan, math.nan, 0
+    p = a.sum() / n.sum()
+    se = math.sqrt(m / (m - 1) * np.sum((a - p * n) ** 2)) / n.sum() if m > 1 else math.nan
+    return float(p), float(se), m
 
 
 def interval_score(lower, upper, truth, level: float) -> np.ndarray:
