@@ -287,7 +287,7 @@ def evaluate(twin, lme, ds, history: np.ndarray, target: np.ndarray | None, simu
     for label, pick in bins.items():
         cell = pick[..., None] & np.isfinite(truth)
         seen = pick[..., None] & np.isfinite(measured)
-        row = {"n": int(cell.sum()), "n_obs": int(seen.sum())}
+        row = {"n": int(cell.sum()), "n_obs": int(seen.sum()), "mae_subjects": int(cell.any(axis=(1, 2)).sum())}
         for method, p in preds.items():
             row[method] = float(np.abs(z(p - truth))[cell].mean()) if cell.any() else math.nan
         for band, (lo, hi) in {"cov50": (0.25, 0.75), "cov90": (0.05, 0.95)}.items():
@@ -444,13 +444,14 @@ def done_when(cohorts: dict) -> list[dict]:
                 r = bins[f">= {LONG:g} y"]
                 if r["n"] < MIN_BIN:
                     add(f"{name}/{key}: MAE >= {LONG:g} y ahead <= 0.5 x copy-last, < linear, < LME",
-                        f"{r['n']} (< {MIN_BIN}) held-out values >= {LONG:g} y ahead; all horizons: twin "
+                        f"{r['n']} (< {MIN_BIN}) held-out values >= {LONG:g} y ahead, of {r['mae_subjects']} "
+                        f"subjects; all horizons: twin "
                         f"{bins['all']['twin']:.3f}, copy {bins['all']['copy_last']:.3f}, linear "
                         f"{bins['all']['linear']:.3f}, LME {bins['all']['LME']:.3f}", None)
                 else:
                     add(f"{name}/{key}: MAE >= {LONG:g} y ahead <= 0.5 x copy-last, < linear, < LME",
                         f"twin {r['twin']:.3f} vs 0.5 x copy {0.5 * r['copy_last']:.3f}, linear {r['linear']:.3f}, "
-                        f"LME {r['LME']:.3f} (n={r['n']})",
+                        f"LME {r['LME']:.3f} (n={r['n']}, {r['mae_subjects']} subjects)",
                         r["twin"] <= 0.5 * r["copy_last"] and r["twin"] < r["linear"] and r["twin"] < r["LME"])
             else:
                 r = bins["all"]

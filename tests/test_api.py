@@ -207,13 +207,20 @@ def test_readings_at_a_scores_ceiling_lie_inside_bands_that_reach_it(ds, tmp_pat
     y[..., 1] = np.minimum(y[..., 1], top)
     capped = ds.assign(biomarkers=(ds["biomarkers"].dims, y))
     twin = BiomarkerTwin.fit(capped, replace(FAST, extrapolation_quantile=0.0), progress=False)
-    assert twin.ends[1, 1] == top and twin.ends[1, 0] == math.inf  # the volume has no instrument
+    # the volume has no instrument: no ceiling, and no floor (its log scale once turned -inf into
+    # its lowest training reading, a floor under every band)
+    assert twin.ends[1, 1] == top and twin.ends[1, 0] == math.inf and twin.ends[0, 0] == -math.inf
     r = twin.forecast(capped, horizons=[0.5, 1.0], samples=True)
     score = r.sel(biomarker="score")
     assert (score["samples"] == top).any() and (score["samples"] <= top).all()
     q95 = score["quantiles"].sel(quantile=0.95)
     assert (q95 == top).any() and (q95 <= top).all()  # reaching the ceiling, never past it
     twin.save(tmp_path / "model")
+    assert np.array_equal(BiomarkerTwin.load(tmp_path / "model").ends, twin.ends)
+    # a model saved before that fix kept the volume's floor; loading drops it
+    meta = json.loads((tmp_path / "model" / "config.json").read_text())
+    meta["instrument_ends"][0][0] = float(np.nanmin(y[..., 0]))
+    (tmp_path / "model" / "config.json").write_text(json.dumps(meta))
     assert np.array_equal(BiomarkerTwin.load(tmp_path / "model").ends, twin.ends)
 
 

@@ -209,8 +209,11 @@ class BiomarkerTwin:
                  fitted_until: float = math.inf, ends: np.ndarray | None = None):
         self.model, self.standardiser, self.config = model, standardiser, config
         # (2, B) lowest and highest reading of each biomarker's instrument in its units, +-inf where
-        # none: as read in the training cohort (`_exact_ends`), or as stored for models from before
-        self.ends = _stored_ends(model, standardiser) if ends is None else np.asarray(ends, dtype=np.float64)
+        # none: as read in the training cohort (`_exact_ends`), or as stored for models from before.
+        # Where the model has no end there is none, whatever a file says (models saved before
+        # 2026-11-27 stored each volume's lowest training reading as an end)
+        stored = _stored_ends(model, standardiser)
+        self.ends = stored if ends is None else np.where(np.isfinite(stored), np.asarray(ends, dtype=np.float64), stored)
         self.calibration, self.limits, self.cohort_fingerprint = calibration, limits, cohort_fingerprint
         # requests later than fitted_until (years since baseline) take the `past` factors (None: the ordinary ones)
         self.past, self.fitted_until = past, fitted_until
@@ -777,8 +780,10 @@ def _rehearse_past(fit_ds: xr.Dataset, calibration_ds: xr.Dataset, st: Standardi
 def _stored_ends(model: DiseaseCourse, st: Standardiser) -> np.ndarray:
     """(2, B) the instruments' ends as the model keeps them (standardised, float32), in units (+-inf: none)."""
     ends = torch.stack([model.lower_end, model.upper_end]).double().numpy()
-    with np.errstate(invalid="ignore", over="ignore"):
-        return st.values(ends)
+    # only finite ends convert: through a volume's log scale -inf would come back finite (exp(-inf)
+    # minus the shift), and `_exact_ends` then made the lowest training reading a floor of its bands
+    finite = np.isfinite(ends)
+    return np.where(finite, st.values(np.where(finite, ends, 0.0)), ends)
 
 
 def _exact_ends(model: DiseaseCourse, st: Standardiser, ds: xr.Dataset) -> np.ndarray:
