@@ -112,7 +112,7 @@ def main() -> None:
           f"{config.inference} inference, seed {args.seed}; horizon bins {_labels()}; MAE standardised by training SD",
           flush=True)
     start = time.perf_counter()
-    report = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    report = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "commit": _commit(),
               "config": config.to_dict(), "subjects": subjects, "quick": args.quick, "cohorts": {}}
     for name in args.cohorts.split(","):
         ds, simulated = load_cohort(name, subjects.get(name, 0), args.seed, quick=args.quick)
@@ -433,8 +433,8 @@ def done_when(cohorts: dict) -> list[dict]:
     """Each criterion of the issue per cohort and split: the numbers and whether it is met."""
     checks = []
 
-    def add(text, numbers, met):
-        checks.append({"criterion": text, "numbers": numbers, "met": met})
+    def add(text, numbers, met, **extra):
+        checks.append({"criterion": text, "numbers": numbers, "met": met, **extra})
 
     for name, c in cohorts.items():
         simulated = "effect" in c["A"]
@@ -462,9 +462,13 @@ def done_when(cohorts: dict) -> list[dict]:
             judged = {k: r for k, r in c[key]["bins"].items() if k in _labels() and r["n_obs"] >= MIN_BIN}
             small = [k for k, r in c[key]["bins"].items() if k in _labels() and 0 < r["n_obs"] < MIN_BIN]
             text = ", ".join(f"{k} {r['cov90']:.3f} (se {r['cov90_se']:.3f})" for k, r in judged.items())
+            chance = _chance_a_bin_out(judged.values())
             add(f"{name}/{key}: 90% band covers 85-95% of held-out observations in every horizon bin",
-                text + (f"; not judged (< {MIN_BIN} obs): {', '.join(small)}" if small else ""),
-                all(0.85 <= r["cov90"] <= 0.95 for r in judged.values()) if judged else None)
+                text + (f"; not judged (< {MIN_BIN} obs): {', '.join(small)}" if small else "")
+                + (f"; bands holding exactly 90% would put one of these bins outside with chance {chance:.2f}"
+                   if judged else ""),
+                all(0.85 <= r["cov90"] <= 0.95 for r in judged.values()) if judged else None,
+                chance_if_calibrated=chance)
         if simulated:
             for scope in ("all", "non-negligible"):
                 e = c["A"]["effect"][scope]
@@ -476,6 +480,35 @@ def done_when(cohorts: dict) -> list[dict]:
         verdict = "n/a" if c["met"] is None else ("met" if c["met"] else "NOT met")
         print(f"  [{verdict:>7}] {c['criterion']}: {c['numbers']}")
     return checks
+
+
+def _chance_a_bin_out(bins) -> float:
+    """The chance that bands holding exactly 90% leave at least one of these bins outside 85-95%,
+    from the held-out subjects alone (each bin's error by subject; where every reading was inside,
+    that error is 0 and a subject-level binomial's stands in). The calibration's own randomness
+    comes on top, so a verdict is worth less than this says."""
+    from twin.metrics import chance_outside
+
+    inside = 1.0
+    for r in bins:
+        se = r["cov90_se"] if r["cov90_se"] > 0 else math.sqrt(0.9 * 0.1 / r["n_subjects"])
+        inside *= 1.0 - chance_outside(0.9, se, 0.85, 0.95)
+    return 1.0 - inside
+
+
+def _commit() -> str:
+    """The checkout's commit, "-dirty" if it has changes ("unknown" outside git): what a run measured."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
 
 
 def _json(v):

@@ -12,7 +12,7 @@ from scipy import integrate, stats
 
 from twin.errors import InputError
 from twin.metrics import (ConformalCalibration, MondrianCalibration, history_groups, pooled_edges, bin_labels, by_horizon, conformal_scale, conformal_scores,
-                          clustered_proportion,
+                          chance_outside, clustered_proportion,
                           coverage, coverage_by_horizon, crps_from_quantiles, crps_from_samples, crps_gaussian,
                           holdout_arrays, holdout_last, holdout_subjects, horizon_bins, horizon_from_history,
                           interval_score, mae_by_horizon)
@@ -316,3 +316,18 @@ def test_holdout_subjects_is_deterministic_and_order_free():
     assert not np.array_equal(held, holdout_subjects(ids, 0.2, seed=8))
     with pytest.raises(InputError, match=r"^holdout_subjects: subject_ids: subject ids must be unique"):
         holdout_subjects(["a", "a"], 0.5)
+
+
+def test_chance_outside_matches_simulated_estimates():
+    # estimates N(0.9, 0.03): the share outside 85-95% is the formula's, and a wider window or a
+    # smaller error makes it smaller
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0.9, 0.03, 200_000)
+    share = float(((draws < 0.85) | (draws > 0.95)).mean())
+    assert chance_outside(0.9, 0.03, 0.85, 0.95) == pytest.approx(share, abs=0.003)
+    assert chance_outside(0.9, 0.03, 0.85, 0.95) == pytest.approx(2 * stats.norm.cdf(-0.05 / 0.03))
+    base = chance_outside(0.9, 0.03, 0.85, 0.95)
+    assert chance_outside(0.9, 0.01, 0.85, 0.95) < base and chance_outside(0.9, 0.03, 0.8, 1.0) < base
+    assert chance_outside(0.9, 0.0, 0.85, 0.95) == 0.0 and chance_outside(0.97, 0.0, 0.85, 0.95) == 1.0
+    with pytest.raises(InputError, match="se"):
+        chance_outside(0.9, float("nan"), 0.85, 0.95)

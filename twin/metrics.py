@@ -5,7 +5,8 @@ NaN truth is a visit or biomarker with nothing to score and is ignored). The pie
 
     horizon bins      half-open [lo, hi) bins of years ahead; `horizon` = query - last history visit
     point error       mae_by_horizon
-    bands             coverage, coverage_by_horizon, clustered_proportion (its error by subject), interval_score
+    bands             coverage, coverage_by_horizon, clustered_proportion (its error by subject),
+                      chance_outside (what a window verdict is worth), interval_score
     distributions     crps_from_samples, crps_gaussian, crps_from_quantiles (elementwise)
     calibration       conformal_scores, conformal_scale, ConformalCalibration (per horizon bin)
     splits            holdout_last (visits), holdout_subjects (subjects), holdout_arrays
@@ -136,6 +137,22 @@ def clustered_proportion(hit, seen) -> tuple[float, float, int]:
     p = a.sum() / n.sum()
     se = math.sqrt(m / (m - 1) * np.sum((a - p * n) ** 2)) / n.sum() if m > 1 else math.nan
     return float(p), float(se), m
+
+
+def chance_outside(p: float, se: float, lo: float, hi: float) -> float:
+    """The chance that an estimate of a proportion whose true value is p, with standard error se,
+    lands outside [lo, hi] (normal approximation):
+
+        Phi((lo - p) / se) + 1 - Phi((hi - p) / se)
+
+    What a verdict "coverage within 85-95%" is worth: a band holding exactly 90% fails it this
+    often from the test cases alone (se from `clustered_proportion`). se 0 gives 0 or 1.
+    """
+    if not se >= 0:
+        raise InputError(f"se must be a non-negative number, got {se}", source="chance_outside", field="se")
+    if se == 0:
+        return float(not lo <= p <= hi)
+    return float(special.ndtr((lo - p) / se) + special.ndtr((p - hi) / se))
 
 
 def interval_score(lower, upper, truth, level: float) -> np.ndarray:
