@@ -79,6 +79,7 @@ SUBJECTS = {"atrophy": 1000, "glioma": 500}  # per simulated cohort, unless --su
 ORACLE_SUBJECTS = 200  # the skyline's subset per split
 NEGLIGIBLE = 0.1  # |true effect| below this many training SDs counts as no effect
 LEASPY = Path(__file__).resolve().parents[1] / "tests" / "data" / "leaspy" / "alzheimer.csv"
+CODE = ("twin", "dynamics", "priors", "scenarios", "data", "bench", "pyproject.toml")  # what a run's numbers depend on
 DROP = ("image", "mask", "affine", "truth_image", "truth_labels")  # the twin reads biomarkers only
 
 
@@ -497,14 +498,14 @@ def _chance_a_bin_out(bins) -> float:
 
 
 def _commit() -> str:
-    """The checkout's commit, "-dirty" if it has changes ("unknown" outside git): what a run measured."""
+    """The checkout's commit, "-dirty" if its code has changes ("unknown" outside git): what a run measured."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -89,9 +89,11 @@ def pool_bin(rows: list[dict]) -> dict:
     for m in METHODS:  # each run's mean over its n values, weighted back to sums
         out[m] = sum(r[m] * r["n"] for r in rows if r["n"]) / n if n else math.nan
     seen = [r for r in rows if r["n_obs"]]
-    out["cov90"] = sum(r["cov90"] * r["n_obs"] for r in seen) / n_obs if n_obs else math.nan
-    out["cov90_se"] = math.sqrt(sum((r["cov90_se"] * r["n_obs"]) ** 2 for r in seen if r["cov90_se"] == r["cov90_se"])) / n_obs \
-        if n_obs else math.nan
+    # hits = cov90 n_obs in each run; the runs are independent, so the variances of their hit
+    # totals add (a run of one subject has no error estimate and adds none)
+    hits = sum(r["cov90"] * r["n_obs"] for r in seen)
+    variance = sum((r["cov90_se"] * r["n_obs"]) ** 2 for r in seen if not math.isnan(r["cov90_se"]))
+    out["cov90"], out["cov90_se"] = (hits / n_obs, math.sqrt(variance) / n_obs) if n_obs else (math.nan, math.nan)
     return out
 
 
