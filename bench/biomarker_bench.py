@@ -122,6 +122,7 @@ def main() -> None:
     report["total_seconds"] = time.perf_counter() - start
     print(f"\ntotal {report['total_seconds']:.0f} s")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1, default=_json))
         print(f"wrote {args.json}")
 

@@ -12,9 +12,12 @@ band holding exactly 90% lands outside 85-95% with a chance of 0.1-0.2 per bin, 
 run's verdict on such a bin says little (the benchmark prints that chance with each verdict).
 
 Pooled, per cohort, split and bin: coverage = all hits / all readings, its error by subject
-sqrt(sum_s (se_s n_s)^2) / sum_s n_s (the runs are independent); MAE and the treatment effect's
-error = the mean over all their values. The verdicts are the benchmark's own (`done_when`) on
-the pooled numbers.
+sqrt(sum_s (se_s n_s)^2) / sum_s n_s (independent runs); MAE and the treatment effect's error =
+the mean over all their values. Leaspy's table is the same 200 subjects in every run (a seed
+picks split A's held-out fifth and the fits), so its runs are not independent: its subjects
+count once and its error is sum_s se_s n_s / sum_s n_s, the bound for runs that miss together.
+Each cohort pools the runs that hold it (glioma's runs may be separate files). The verdicts are
+the benchmark's own (`done_when`) on the pooled numbers.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from biomarker_bench import done_when  # noqa: E402  the benchmark's criteria, applied to the pooled runs
 
 METHODS = ("twin", "copy_last", "linear", "LME")
+MARK = {True: "met", False: "NOT", None: "n/a", "missing": "-"}
 
 
 def main() -> None:
@@ -37,25 +41,29 @@ def main() -> None:
     args = parser.parse_args()
     runs = [load(path) for path in args.runs]
     seeds = [r["config"]["seed"] for r in runs]
-    if len(set(seeds)) < len(seeds):
-        sys.exit(f"error: seed given twice among {seeds}: a run pooled twice would count its subjects twice")
+    names = list(dict.fromkeys(n for r in runs for n in r["cohorts"]))
+    held = {n: [s for s, r in zip(seeds, runs) if n in r["cohorts"]] for n in names}
+    for name, held_by in held.items():
+        if len(set(held_by)) < len(held_by):
+            sys.exit(f"error: {name}: seed given twice among {held_by}: a run pooled twice would count its "
+                     f"subjects twice")
     settings = {json.dumps({k: v for k, v in r["config"].items() if k != "seed"}, sort_keys=True) for r in runs}
     if len(settings) > 1:
         sys.exit("error: the runs differ in their twin's settings beyond the seed; pool runs of one configuration")
 
     commits = [r.get("commit", "unknown") for r in runs]
-    print("commits: " + ", ".join(f"seed {s} {c}" for s, c in zip(seeds, commits)))
+    print("runs: " + ", ".join(f"{path.name} (seed {s}, commit {c})" for path, s, c in zip(args.runs, seeds, commits)))
     if len(set(commits)) > 1 or any(c == "unknown" or c.endswith("-dirty") for c in commits):
         print("warning: not every run is of one clean commit; the pooled numbers mix what each measured")
-    print("Each run's verdicts (seeds " + ", ".join(map(str, seeds)) + "):")
-    verdicts = [{c["criterion"]: c["met"] for c in r["done_when"]} for r in runs]
-    for criterion in dict.fromkeys(k for v in verdicts for k in v):
-        marks = " ".join({True: "met", False: "NOT", None: "n/a"}[v[criterion]] if criterion in v else "-"
-                         for v in verdicts)
-        print(f"  {marks}  {criterion}")
-    names = [n for n in runs[0]["cohorts"] if all(n in r["cohorts"] for r in runs)]
-    print(f"\nPooled over seeds {', '.join(map(str, seeds))} ({', '.join(names)}):", end="")
-    done_when({n: pool([r["cohorts"][n] for r in runs]) for n in names})
+    print("Each run's verdicts, by seed:")
+    for name in names:
+        verdicts = [{c["criterion"]: c["met"] for c in r["done_when"]} for r in runs if name in r["cohorts"]]
+        print(f"  {name}: seeds {' '.join(f'{s:>3}' for s in held[name])}")
+        for criterion in dict.fromkeys(k for v in verdicts for k in v if k.startswith(f"{name}/")):
+            marks = " ".join(f"{MARK[v.get(criterion, 'missing')]:>3}" for v in verdicts)
+            print(f"  {' ' * len(name)}        {marks}  {criterion[len(name) + 1:]}")
+    print("\nPooled: " + "; ".join(f"{n} over seeds {', '.join(map(str, held[n]))}" for n in names), end="")
+    done_when({n: pool([r["cohorts"][n] for r in runs if n in r["cohorts"]]) for n in names})
 
 
 def load(path: Path) -> dict:
@@ -70,30 +78,39 @@ def load(path: Path) -> dict:
 
 
 def pool(cohorts: list[dict]) -> dict:
-    """One cohort's results over runs -> the same structure, every bin and effect pooled."""
+    """One cohort's results over runs -> the same structure, every bin and effect pooled.
+
+    A simulated cohort (scored with a treatment effect) is drawn afresh by each seed; a table
+    (leaspy's) is the same subjects in every run, so its runs are not independent."""
+    shared = "effect" not in cohorts[0]["A"]
     out = {}
     for key in ("A", "B"):
         splits = [c[key] for c in cohorts]
         labels = [label for label in splits[0]["bins"] if all(label in s["bins"] for s in splits)]
-        out[key] = {"bins": {label: pool_bin([s["bins"][label] for s in splits]) for label in labels}}
+        out[key] = {"bins": {label: pool_bin([s["bins"][label] for s in splits], shared=shared) for label in labels}}
         if all("effect" in s for s in splits):
             out[key]["effect"] = {scope: pool_effect([s["effect"][scope] for s in splits])
                                   for scope in ("all", "non-negligible")}
     return out
 
 
-def pool_bin(rows: list[dict]) -> dict:
+def pool_bin(rows: list[dict], *, shared: bool = False) -> dict:
+    """One bin's rows over runs -> one row. shared: the runs score the same subjects (a table), so
+    the subjects count once and the error is the bound for runs that miss together."""
     n, n_obs = sum(r["n"] for r in rows), sum(r["n_obs"] for r in rows)
-    out = {"n": n, "n_obs": n_obs, "n_subjects": sum(r["n_subjects"] for r in rows),
-           "mae_subjects": sum(r.get("mae_subjects", 0) for r in rows)}
+    count = max if shared else sum
+    out = {"n": n, "n_obs": n_obs, "n_subjects": count(r["n_subjects"] for r in rows),
+           "mae_subjects": count(r.get("mae_subjects", 0) for r in rows)}
     for m in METHODS:  # each run's mean over its n values, weighted back to sums
         out[m] = sum(r[m] * r["n"] for r in rows if r["n"]) / n if n else math.nan
     seen = [r for r in rows if r["n_obs"]]
-    # hits = cov90 n_obs in each run; the runs are independent, so the variances of their hit
-    # totals add (a run of one subject has no error estimate and adds none)
+    # hits = cov90 n_obs in each run. Independent runs: the variances of their hit totals add;
+    # shared subjects: their standard deviations do (the most two runs can vary together). A run
+    # of one subject has no error estimate and adds none.
     hits = sum(r["cov90"] * r["n_obs"] for r in seen)
-    variance = sum((r["cov90_se"] * r["n_obs"]) ** 2 for r in seen if not math.isnan(r["cov90_se"]))
-    out["cov90"], out["cov90_se"] = (hits / n_obs, math.sqrt(variance) / n_obs) if n_obs else (math.nan, math.nan)
+    sd = [r["cov90_se"] * r["n_obs"] for r in seen if not math.isnan(r["cov90_se"])]
+    total_sd = sum(sd) if shared else math.sqrt(sum(v * v for v in sd))
+    out["cov90"], out["cov90_se"] = (hits / n_obs, total_sd / n_obs) if n_obs else (math.nan, math.nan)
     return out
 
 

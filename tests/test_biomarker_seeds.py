@@ -51,3 +51,13 @@ def test_a_run_with_nothing_in_a_bin_adds_nothing(seeds):
     full = _row(np.ones((5, 2), bool), np.ones((5, 2), bool), np.ones(3))
     pooled = seeds.pool_bin([empty, full])
     assert pooled["cov90"] == 1.0 and pooled["twin"] == 1.0 and pooled["n_subjects"] == 5
+
+
+def test_runs_of_one_table_count_its_subjects_once(seeds):
+    # the same subjects scored twice: pooling must not claim twice the evidence
+    rng = np.random.default_rng(1)
+    hit, seen = rng.random((20, 3)) < 0.9, np.ones((20, 3), bool)
+    row = _row(hit, seen, np.ones(4))
+    pooled = seeds.pool_bin([row, row], shared=True)
+    assert pooled["n_subjects"] == 20 and pooled["cov90_se"] == pytest.approx(row["cov90_se"])
+    assert seeds.pool_bin([row, row])["cov90_se"] == pytest.approx(row["cov90_se"] / math.sqrt(2))
