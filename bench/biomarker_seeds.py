@@ -47,6 +47,9 @@ def main() -> None:
         if len(set(held_by)) < len(held_by):
             sys.exit(f"error: {name}: seed given twice among {held_by}: a run pooled twice would count its "
                      f"subjects twice")
+        sizes = {r["cohorts"][name].get("subjects") for r in runs if name in r["cohorts"]}
+        if len(sizes) > 1:
+            sys.exit(f"error: {name}: the runs hold cohorts of different sizes {sorted(sizes)}; pool runs of one size")
     settings = {json.dumps({k: v for k, v in r["config"].items() if k != "seed"}, sort_keys=True) for r in runs}
     if len(settings) > 1:
         sys.exit("error: the runs differ in their twin's settings beyond the seed; pool runs of one configuration")
