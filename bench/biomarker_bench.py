@@ -67,6 +67,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -500,8 +501,6 @@ def _chance_a_bin_out(bins) -> float:
 
 def _commit() -> str:
     """The checkout's commit, "-dirty" if its code has changes ("unknown" outside git): what a run measured."""
-    import subprocess
-
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
